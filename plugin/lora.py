@@ -1,0 +1,202 @@
+"""LoRA adapters over frozen (4-bit or 16-bit) linear layers.
+
+``LoRALinear`` keeps PEFT's attribute names (``base_layer``, ``lora_A``, ``lora_B``) so adapter
+keys translate one to one into PEFT's format. Adapter weights are kept in float32 (master weights,
+so small optimizer updates are not rounded away) and cast to the compute dtype in the forward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .nf4 import Linear4bit, _parent, named_linears
+
+
+@dataclass
+class LoRAConfig:
+    """Which layers get adapters, and their shape.
+
+    Args:
+        r: adapter rank (> 0).
+        alpha: scaling numerator; the update is ``B @ A * alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout on the adapter's input, in [0, 1).
+        target_modules: ``"all-linear"`` (every linear layer but the output head), a list of layer
+            names or name suffixes (``["q_proj", "v_proj"]``), or a regular expression matched
+            against the full qualified name.
+        exclude_modules: names or suffixes never adapted.
+        use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    exclude_modules: Sequence[str] = field(default_factory=tuple)
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"lora.r={self.r!r} must be a positive integer (e.g. 8, 16, 64)")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if float(self.alpha) <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be positive")
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("lora.target_modules is empty; use 'all-linear', a list of names, or a regex")
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = (self.exclude_modules,)
+        self.exclude_modules = tuple(self.exclude_modules)
+
+    @property
+    def scaling(self) -> float:
+        return float(self.alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "target_modules": self.target_modules,
+            "exclude_modules": list(self.exclude_modules),
+            "use_rslora": self.use_rslora,
+        }
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + dropout(x) @ A.T @ B.T * scaling`` with ``base_layer`` frozen.
+
+    A is initialised Kaiming-uniform and B to zero, so before the first step the layer reproduces
+    its base exactly.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r = r
+        self.scaling = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        device = _device_of(base_layer)
+        # Adapters start on the base's device; a meta base gets meta adapters, materialised later.
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        if self.lora_A.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        dtype = out.dtype
+        lora = self.lora_dropout(x).to(dtype) @ self.lora_A.weight.to(dtype).t()
+        return out + (lora @ self.lora_B.weight.to(dtype).t()) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """``B @ A * scaling`` in float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    device = next((t.device for t in module.parameters()), torch.device("cpu"))
+    if device.type == "meta":  # a base waiting for quantize-on-load: adapters go where it will live
+        device = getattr(module, "target_device", device)
+    return device
+
+
+def _is_excluded(name: str, exclude: Sequence[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in exclude)
+
+
+def find_targets(model: nn.Module, config: LoRAConfig, head_names: Sequence[str] = ("lm_head",)) -> list[str]:
+    """Qualified names of the linear layers that ``config.target_modules`` selects.
+
+    Raises:
+        ValueError: the model has no linear layers, or the selection matches none of them.
+    """
+    linears = [name for name, _ in named_linears(model)]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layers: QLoRA adapts linear layers, so there is nothing to "
+            "quantize or adapt"
+        )
+    target = config.target_modules
+    if target == "all-linear":
+        chosen = [n for n in linears if not _is_excluded(n, head_names)]
+    elif isinstance(target, str):
+        try:
+            pattern = re.compile(target)
+        except re.error as err:
+            raise ValueError(f"lora.target_modules={target!r} is not a valid regular expression: {err}") from None
+        chosen = [n for n in linears if pattern.fullmatch(n)]
+    else:
+        chosen = [n for n in linears if _is_excluded(n, target)]
+    chosen = [n for n in chosen if not _is_excluded(n, config.exclude_modules)]
+    if not chosen:
+        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})[:12]
+        raise ValueError(
+            f"lora.target_modules={target!r} matches no linear layer of {type(model).__name__}. "
+            f"Its linear layers are named like {sample}; use 'all-linear', some of those names, or a regex "
+            "over full names"
+        )
+    return chosen
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig, targets: Sequence[str]) -> None:
+    """Wraps each named linear layer of ``model`` in a :class:`LoRALinear`, in place."""
+    for name in targets:
+        parent, attr = _parent(model, name)
+        base = getattr(parent, attr)
+        setattr(parent, attr, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora))
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the adapter weights, keyed by their names in ``model``."""
+    return {k: v for k, v in model.state_dict(keep_vars=False).items() if ".lora_A." in k or ".lora_B." in k}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Folds every adapter into a 16-bit base weight and unwraps it into a plain ``nn.Linear``.
+
+    A 4-bit base is dequantized by bitsandbytes first; the result stays 16-bit (no re-quantization,
+    which would add the quantization error a second time).
+    """
+    for name, layer in list(lora_layers(model).items()):
+        base = layer.base_layer
+        if isinstance(base, Linear4bit):
+            weight = base.dequantized_weight()
+            dtype = base.compute_dtype
+        else:
+            weight = base.weight.data
+            dtype = weight.dtype
+        merged = (weight.float() + layer.delta_weight().to(weight.device)).to(dtype)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter(merged, requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.data.to(dtype), requires_grad=False)
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, linear)
+    return model

@@ -1,0 +1,407 @@
+"""4-bit NormalFloat (and FP4) linear layers over bitsandbytes ``Params4bit``.
+
+The frozen base weight of every targeted ``nn.Linear`` is stored as a bitsandbytes ``Params4bit``
+and quantized by bitsandbytes' own kernels (CUDA on a GPU, its CPU backend on a CPU). The forward
+dequantizes it with bitsandbytes and runs one matrix product in the compute dtype; the backward
+dequantizes again and returns only the input gradient, so no 16-bit copy of the weight is ever
+kept alive between the two passes and nothing but a reference to the packed weight is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from torch import Tensor, nn
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "uint8": torch.uint8,
+}
+
+
+def as_dtype(value: str | torch.dtype, setting: str) -> torch.dtype:
+    """Turns ``"bfloat16"`` / ``"torch.bfloat16"`` / ``torch.bfloat16`` into a dtype, naming ``setting`` on error."""
+    if isinstance(value, torch.dtype):
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"{setting}={value!r} is not a dtype; use one of {sorted(set(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base weights are quantized.
+
+    Args:
+        quant_type: ``"nf4"`` (4-bit NormalFloat, the QLoRA format) or ``"fp4"``.
+        double_quant: quantize the per-block absmax constants to 8 bits in blocks of 256
+            (about 0.37 bits per weight saved at block size 64).
+        blocksize: weights per absmax constant; a power of two from 32 to 4096.
+        compute_dtype: dtype the weights are dequantized to and matrix products run in; also the
+            dtype of every parameter that is not quantized and not an adapter.
+        quant_storage: dtype that holds the packed 4-bit data. ``uint8`` by default; the compute
+            dtype lets FSDP shard 4-bit weights together with 16-bit ones.
+        skip_modules: names (or name suffixes) of linear layers kept in 16-bit; the output head by
+            default, whose error would hit every logit.
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: Any = torch.bfloat16
+    quant_storage: Any = torch.uint8
+    skip_modules: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant.quant_type={self.quant_type!r} is not supported; use one of {QUANT_TYPES}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(
+                f"quant.blocksize={self.blocksize} is not supported by bitsandbytes; use one of {BLOCKSIZES}"
+            )
+        self.compute_dtype = as_dtype(self.compute_dtype, "quant.compute_dtype")
+        if not self.compute_dtype.is_floating_point:
+            raise ValueError(f"quant.compute_dtype={self.compute_dtype} must be a floating-point dtype")
+        self.quant_storage = as_dtype(self.quant_storage, "quant.quant_storage")
+        if self.quant_storage not in (torch.uint8, torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(
+                f"quant.quant_storage={self.quant_storage} is not supported; use uint8 or a floating dtype"
+            )
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = (self.skip_modules,)
+        self.skip_modules = tuple(self.skip_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, checkpoint-safe form (dtypes as strings)."""
+        return {
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "blocksize": self.blocksize,
+            "compute_dtype": dtype_name(self.compute_dtype),
+            "quant_storage": dtype_name(self.quant_storage),
+            "skip_modules": list(self.skip_modules),
+        }
+
+
+class _DequantizeMatmul(torch.autograd.Function):
+    """``x @ dequantize(W).T`` for a frozen 4-bit ``W``.
+
+    The base weight gets no gradient, so the backward needs neither ``x`` nor the dequantized
+    weight: it dequantizes once more and returns ``grad @ W``. Saving nothing keeps activation
+    memory at what a frozen 16-bit layer would cost.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: bnb.nn.Params4bit) -> Tensor:
+        ctx.weight = weight
+        return x @ dequantize(weight).to(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        weight = ctx.weight
+        return grad_output @ dequantize(weight).to(grad_output.dtype), None
+
+
+def dequantize(weight: bnb.nn.Params4bit) -> Tensor:
+    """The 16-bit weight (in the quantization's compute dtype) recovered by bitsandbytes."""
+    return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight is a bitsandbytes ``Params4bit``.
+
+    The weight is quantized lazily: bitsandbytes quantizes a ``Params4bit`` when it first moves
+    to a device (``module.to(device)``), so a model converted on the host and moved to the GPU
+    quantizes layer by layer on the GPU and never holds its whole 16-bit copy there.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight: Tensor,
+        bias: Tensor | None,
+        config: QuantConfig,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_type = config.quant_type
+        self.blocksize = config.blocksize
+        self.double_quant = config.double_quant
+        self.compute_dtype = config.compute_dtype
+        self.weight = weight if isinstance(weight, bnb.nn.Params4bit) else _params4bit(weight, config)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(config.compute_dtype))
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> Linear4bit:
+        layer = cls(linear.in_features, linear.out_features, linear.weight, linear.bias, config)
+        layer.target_device = getattr(linear, "target_device", linear.weight.device)
+        return layer
+
+    def _config(self) -> QuantConfig:
+        return QuantConfig(
+            quant_type=self.quant_type,
+            double_quant=self.double_quant,
+            blocksize=self.blocksize,
+            compute_dtype=self.compute_dtype,
+            quant_storage=self.weight.quant_storage,
+            skip_modules=(),
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return bool(getattr(self.weight, "bnb_quantized", False))
+
+    def quantize_(self, device: torch.device | str | None = None) -> Linear4bit:
+        """Quantizes the weight now, on ``device`` (default: where it lies)."""
+        if not self.quantized:
+            device = torch.device(device) if device is not None else self.weight.device
+            if device.type == "meta":
+                raise RuntimeError("cannot quantize a weight on the meta device: load its values first")
+            self.weight = self.weight._quantize(device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.quantized:
+            # Converted but never moved to a device (a plain module outside a Trainer).
+            self.quantize_()
+        out = _DequantizeMatmul.apply(x, self.weight)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def dequantized_weight(self) -> Tensor:
+        if not self.quantized:
+            return self.weight.data.clone()
+        return dequantize(self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: D401
+        # Quantize-on-load: a 16-bit tensor under this layer's weight key replaces the (possibly meta)
+        # placeholder and is quantized where this layer lives, one layer at a time.
+        key = prefix + "weight"
+        incoming = state_dict.get(key)
+        if incoming is not None and incoming.dtype.is_floating_point and incoming.dim() == 2:
+            if tuple(incoming.shape) != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"size mismatch for {key}: checkpoint {tuple(incoming.shape)}, "
+                    f"model {(self.out_features, self.in_features)}"
+                )
+            else:
+                device = self.weight.device
+                self.weight = _params4bit(incoming, self._config())
+                if device.type != "meta":
+                    self.quantize_(device)
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+            if self.bias is not None and prefix + "bias" in state_dict:
+                bias = state_dict.pop(prefix + "bias")
+                self.bias = nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def _params4bit(weight: Tensor, config: QuantConfig) -> bnb.nn.Params4bit:
+    """An unquantized ``Params4bit``: bitsandbytes quantizes it when it moves to a device."""
+    return bnb.nn.Params4bit(
+        weight.detach().to(config.compute_dtype),
+        requires_grad=False,
+        quant_type=config.quant_type,
+        blocksize=config.blocksize,
+        compress_statistics=config.double_quant,
+        quant_storage=config.quant_storage,
+    )
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def quantize_linears(module: nn.Module, config: QuantConfig, targets: Iterable[str] | None = None) -> list[str]:
+    """Replaces the ``nn.Linear`` layers of ``module`` with :class:`Linear4bit`, in place.
+
+    Args:
+        module: the model to convert.
+        config: the quantization settings.
+        targets: qualified names of the linear layers to quantize; every linear layer not in
+            ``config.skip_modules`` when ``None``.
+
+    Returns:
+        The qualified names of the layers that were quantized.
+
+    Raises:
+        ValueError: a layer's input width is smaller than the block size (bitsandbytes 0.50.2
+            silently returns wrong values for such layers on CPU).
+    """
+    wanted = None if targets is None else set(targets)
+    chosen = []
+    for name, child in named_linears(module):
+        if isinstance(child, Linear4bit) or _matches(name, config.skip_modules):
+            continue
+        if wanted is not None and name not in wanted:
+            continue
+        if child.in_features < config.blocksize:
+            raise ValueError(
+                f"quant.blocksize={config.blocksize} is larger than the input width ({child.in_features}) of "
+                f"layer '{name}'; bitsandbytes would quantize it wrongly. Use quant.blocksize <= "
+                f"{_largest_blocksize(child.in_features)} or add '{name}' to quant.skip_modules"
+            )
+        chosen.append(name)
+    for name in chosen:
+        parent, attr = _parent(module, name)
+        setattr(parent, attr, Linear4bit.from_linear(getattr(parent, attr), config))
+    return chosen
+
+
+def _largest_blocksize(width: int) -> int:
+    fitting = [b for b in BLOCKSIZES if b <= width]
+    return fitting[-1] if fitting else BLOCKSIZES[0]
+
+
+def named_linears(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``nn.Linear`` and :class:`Linear4bit` layers with their qualified names (adapters excluded)."""
+    for name, child in module.named_modules():
+        if isinstance(child, (nn.Linear, Linear4bit)) and ".lora_" not in f".{name}":
+            yield name, child
+
+
+def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attr
+
+
+def weight_bytes_by_dtype(module: nn.Module) -> dict[str, int]:
+    """Bytes held by parameters and buffers, keyed by storage kind ("nf4", "bfloat16", ...).
+
+    4-bit weights count their packed data plus their block constants (absmax, nested absmax).
+    """
+    totals: dict[str, int] = {}
+    seen: set[int] = set()
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if isinstance(tensor, bnb.nn.Params4bit) and tensor.bnb_quantized:
+            key = tensor.quant_type
+            size = tensor.data.numel() * tensor.data.element_size() + quant_state_bytes(tensor.quant_state)
+        else:
+            key = dtype_name(tensor.dtype)
+            size = tensor.numel() * tensor.element_size()
+        totals[key] = totals.get(key, 0) + size
+    return totals
+
+
+def quant_state_bytes(state: bnbF.QuantState) -> int:
+    """Bytes of a QuantState's block constants (absmax, and the nested state for double quant)."""
+    size = state.absmax.numel() * state.absmax.element_size()
+    if state.nested:
+        size += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        size += state.offset.numel() * state.offset.element_size()
+    return size
+
+
+def _empty_init_active() -> bool:
+    """True inside Lightning's ``init_module(empty_init=True)``, whose values will be loaded, not used."""
+    from lightning.fabric.utilities.init import _EmptyInit
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(m, _EmptyInit) and m.enabled for m in _get_current_function_mode_stack())
+
+
+class DeferredLinear(nn.Linear):
+    """The ``nn.Linear`` built inside :func:`deferred_linear_init`.
+
+    Its weight never lands on the accelerator in 16-bit: it is allocated on the meta device under
+    ``empty_init`` (nothing allocated; the weight arrives through ``load_state_dict`` and is
+    quantized on arrival, on the device the model was being built for) and on the host otherwise
+    (bitsandbytes then quantizes it layer by layer when the model moves to the accelerator).
+    """
+
+    quant_config: QuantConfig | None = None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None):
+        self.target_device = torch.device(device) if device is not None else torch.get_default_device()
+        staging = "meta" if _empty_init_active() else "cpu"
+        super().__init__(in_features, out_features, bias=bias, device=staging, dtype=dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        config = self.quant_config
+        key = prefix + "weight"
+        if self.weight.device.type != "meta" or key not in state_dict:
+            return super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
+        incoming = state_dict[key]
+        if tuple(incoming.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(incoming.shape)}, model {tuple(self.weight.shape)}")
+            return
+        dtype = config.compute_dtype if config is not None else self.weight.dtype
+        if config is None:  # 16-bit LoRA: the weight goes straight to its device
+            self.weight = nn.Parameter(incoming.detach().to(self.target_device, dtype), requires_grad=False)
+        else:
+            weight = _params4bit(incoming, config)
+            self.weight = weight._quantize(self.target_device) if self.target_device.type != "meta" else weight
+        bias_key = prefix + "bias"
+        if self.bias is not None and bias_key in state_dict:
+            self.bias = nn.Parameter(state_dict[bias_key].detach().to(self.target_device, dtype))
+        elif self.bias is not None:
+            missing_keys.append(bias_key)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.weight, bnb.nn.Params4bit):
+            raise RuntimeError(
+                "this layer holds a 4-bit weight loaded before conversion; run it through the Trainer "
+                "(or QLoRAPrecision.convert_module) first"
+            )
+        return super().forward(x)
+
+
+class deferred_linear_init:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Makes ``torch.nn.Linear`` build :class:`DeferredLinear` layers while active.
+
+    Like every class swap, it cannot reach code that did ``from torch.nn import Linear`` before the
+    context was entered; such layers are still converted later, only staged where they were built.
+    """
+
+    def __init__(self, config: QuantConfig | None) -> None:
+        self.config = config
+
+    def __enter__(self) -> deferred_linear_init:
+        self._saved = (torch.nn.Linear, torch.nn.modules.linear.Linear, DeferredLinear.quant_config)
+        torch.nn.Linear = DeferredLinear
+        torch.nn.modules.linear.Linear = DeferredLinear
+        DeferredLinear.quant_config = self.config
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.nn.Linear, torch.nn.modules.linear.Linear, DeferredLinear.quant_config = self._saved
