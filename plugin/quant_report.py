@@ -34,6 +34,7 @@ The weight source is pluggable: :func:`evaluate_weights` takes any iterable of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -597,17 +598,20 @@ def linear_weights_from_checkpoint(
             f"no weights in {p}: expected *.safetensors files (a transformers checkpoint saved with "
             f"save_pretrained, or a model.safetensors.index.json with its shards){hint}"
         )
-    found = 0
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in sorted(st.keys(), key=_natural_key):
-                shape = st.get_slice(name).get_shape()
-                if len(shape) != 2:
-                    continue  # skip without reading the data
-                t = st.get_tensor(name)
-                if is_linear_weight(name, t, include_embeddings):
-                    found += 1
-                    yield name, t
+    # Read the headers first and sort all names across shards, so layers come in order
+    # (layers.2 before layers.10) even when one layer spans two shards.
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+        where = {name: h for h in handles for name in h.keys()}
+        found = 0
+        for name in sorted(where, key=_natural_key):
+            h = where[name]
+            if len(h.get_slice(name).get_shape()) != 2:
+                continue  # skip without reading the data
+            t = h.get_tensor(name)
+            if is_linear_weight(name, t, include_embeddings):
+                found += 1
+                yield name, t
     if not found:
         raise ValueError(f"no linear-layer weights (2-D *.weight tensors) in {', '.join(map(str, files))}")
 
@@ -1035,7 +1039,7 @@ def log_to_wandb(report: Report, files: ReportFiles, project: str | None = None)
             summary[f"{key}/mse"] = m.mse
             summary[f"{key}/bits_per_weight"] = m.bits_per_weight
         run.summary.update(summary)
-        return run.dir
+        return str(Path(run.dir).parent)
     finally:
         run.finish()
 
