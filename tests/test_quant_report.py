@@ -274,3 +274,21 @@ def test_wandb_logs_table_and_figures_offline(tmp_path, monkeypatch):
     assert summary["quant_report/codebook"]["_type"] == "image-file"
     assert summary["quant_report/error_vs_bits"]["_type"] == "image-file"
     assert summary["quant_report/normal/nf4/64/bits_per_weight"] == pytest.approx(4.5)
+
+
+def test_config_builds_a_random_model_offline_and_max_tensors_limits_it(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=64
+    ).save_pretrained(tmp_path / "cfg")
+    out = tmp_path / "out"
+    argv = ["--config", str(tmp_path / "cfg" / "config.json"), "--blocksizes", "64", "--formats", "nf4"]
+    assert qr.main([*argv, "--samples", "4096", "--max-tensors", "3", "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["tensor"] for r in rows if r["source"] != "normal"] == [
+        "(total)",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+    ]
