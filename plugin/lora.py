@@ -51,7 +51,9 @@ class LoRAConfig:
         if not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
-                raise ValueError("lora.target_modules is empty; use 'all-linear', a list of names, or a regex")
+                raise ValueError(
+                    "lora.target_modules is empty; use 'all-linear', a list of names, or a regex"
+                )
         if isinstance(self.exclude_modules, str):
             self.exclude_modules = (self.exclude_modules,)
         self.exclude_modules = tuple(self.exclude_modules)
@@ -78,7 +80,9 @@ class LoRALinear(nn.Module):
     its base exactly.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
@@ -92,6 +96,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
+        self._register_load_state_dict_pre_hook(_route_base_keys)
 
     def reset_lora_parameters(self) -> None:
         if self.lora_A.weight.device.type == "meta":
@@ -113,6 +118,13 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Lets a plain checkpoint (``q_proj.weight``) load into an adapted layer (``q_proj.base_layer.weight``)."""
+    for name in ("weight", "bias"):
+        if prefix + name in state_dict and prefix + "base_layer." + name not in state_dict:
+            state_dict[prefix + "base_layer." + name] = state_dict.pop(prefix + name)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -145,7 +157,9 @@ def find_targets(model: nn.Module, config: LoRAConfig, head_names: Sequence[str]
         try:
             pattern = re.compile(target)
         except re.error as err:
-            raise ValueError(f"lora.target_modules={target!r} is not a valid regular expression: {err}") from None
+            raise ValueError(
+                f"lora.target_modules={target!r} is not a valid regular expression: {err}"
+            ) from None
         chosen = [n for n in linears if pattern.fullmatch(n)]
     else:
         chosen = [n for n in linears if _is_excluded(n, target)]

@@ -73,7 +73,9 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant.quant_type={self.quant_type!r} is not supported; use one of {QUANT_TYPES}")
+            raise ValueError(
+                f"quant.quant_type={self.quant_type!r} is not supported; use one of {QUANT_TYPES}"
+            )
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(
                 f"quant.blocksize={self.blocksize} is not supported by bitsandbytes; use one of {BLOCKSIZES}"
@@ -205,7 +207,9 @@ class Linear4bit(nn.Module):
             f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: D401
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: D401
         # Quantize-on-load: a 16-bit tensor under this layer's weight key replaces the (possibly meta)
         # placeholder and is quantized where this layer lives, one layer at a time.
         key = prefix + "weight"
@@ -218,13 +222,16 @@ class Linear4bit(nn.Module):
                 )
             else:
                 device = self.weight.device
+                if device.type == "meta":  # built empty: quantize where the model is meant to live
+                    device = getattr(self, "target_device", device)
                 self.weight = _params4bit(incoming, self._config())
                 if device.type != "meta":
                     self.quantize_(device)
-            state_dict = {k: v for k, v in state_dict.items() if k != key}
             if self.bias is not None and prefix + "bias" in state_dict:
-                bias = state_dict.pop(prefix + "bias")
-                self.bias = nn.Parameter(bias.detach().to(self.compute_dtype), requires_grad=False)
+                bias = state_dict[prefix + "bias"].detach().to(self.weight.device, self.compute_dtype)
+                self.bias = nn.Parameter(bias, requires_grad=False)
+            elif self.bias is not None:
+                missing_keys.append(prefix + "bias")
             return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -247,7 +254,9 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def quantize_linears(module: nn.Module, config: QuantConfig, targets: Iterable[str] | None = None) -> list[str]:
+def quantize_linears(
+    module: nn.Module, config: QuantConfig, targets: Iterable[str] | None = None
+) -> list[str]:
     """Replaces the ``nn.Linear`` layers of ``module`` with :class:`Linear4bit`, in place.
 
     Args:
@@ -349,12 +358,18 @@ class DeferredLinear(nn.Linear):
 
     quant_config: QuantConfig | None = None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None):
-        self.target_device = torch.device(device) if device is not None else torch.get_default_device()
-        staging = "meta" if _empty_init_active() else "cpu"
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None
+    ):
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        # Someone else's meta context (transformers' from_pretrained) will fill the weight itself.
+        staging = "meta" if _empty_init_active() or target.type == "meta" else "cpu"
+        self.target_device = target
         super().__init__(in_features, out_features, bias=bias, device=staging, dtype=dtype)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         config = self.quant_config
         key = prefix + "weight"
         if self.weight.device.type != "meta" or key not in state_dict:
@@ -363,14 +378,18 @@ class DeferredLinear(nn.Linear):
             )
         incoming = state_dict[key]
         if tuple(incoming.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"size mismatch for {key}: checkpoint {tuple(incoming.shape)}, model {tuple(self.weight.shape)}")
+            error_msgs.append(
+                f"size mismatch for {key}: checkpoint {tuple(incoming.shape)}, model {tuple(self.weight.shape)}"
+            )
             return
         dtype = config.compute_dtype if config is not None else self.weight.dtype
         if config is None:  # 16-bit LoRA: the weight goes straight to its device
             self.weight = nn.Parameter(incoming.detach().to(self.target_device, dtype), requires_grad=False)
         else:
             weight = _params4bit(incoming, config)
-            self.weight = weight._quantize(self.target_device) if self.target_device.type != "meta" else weight
+            self.weight = (
+                weight._quantize(self.target_device) if self.target_device.type != "meta" else weight
+            )
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
             self.bias = nn.Parameter(state_dict[bias_key].detach().to(self.target_device, dtype))

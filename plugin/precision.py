@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
+from bitsandbytes.nn import Params4bit
 from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
-from .lora import LoRAConfig, find_targets, inject_lora
-from .nf4 import Linear4bit, QuantConfig, as_dtype, deferred_linear_init, dtype_name, quantize_linears
+from .lora import LoRAConfig, find_targets, inject_lora, lora_layers
+from .nf4 import QuantConfig, as_dtype, deferred_linear_init, dtype_name, named_linears, quantize_linears
 
 _DEFAULT: Any = object()
 
@@ -49,20 +51,29 @@ class QLoRAPrecision(Precision):
             raise ValueError(
                 f"compute_dtype={self.dtype} differs from quant.compute_dtype={self.quant.compute_dtype}; set one"
             )
-        self.precision = f"{'nf4' if self.quant is None else self.quant.quant_type}-lora-{dtype_name(self.dtype)}"
+        self._init_depth = 0
+        self.precision = (
+            f"{'nf4' if self.quant is None else self.quant.quant_type}-lora-{dtype_name(self.dtype)}"
+        )
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Quantizes, then adds adapters, then freezes all but the adapters. Idempotent."""
         if getattr(module, "_qlora_converted", False):
             return module
-        targets = find_targets(module, self.lora, head_names=self._skip_modules())
-        if self.quant is not None:
-            quantize_linears(module, self.quant)
-        for param in module.parameters():
-            param.requires_grad_(False)
-            if param.is_floating_point() and param.dtype != self.dtype and not isinstance(param, _Params4bit()):
-                param.data = param.data.to(self.dtype)
-        inject_lora(module, self.lora, targets)
+        if not lora_layers(module):  # a submodule converted earlier (under init_module) is not redone
+            targets = find_targets(module, self.lora, head_names=self._skip_modules())
+            if self.quant is not None:
+                quantize_linears(module, self.quant)
+            for param in module.parameters():
+                if (
+                    param.is_floating_point()
+                    and param.dtype != self.dtype
+                    and not isinstance(param, Params4bit)
+                ):
+                    param.data = param.data.to(self.dtype)
+            inject_lora(module, self.lora, targets)
+        for name, param in module.named_parameters():
+            param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
         _checkpoint_only_adapters(module)
         module._qlora_converted = True
         return module
@@ -70,11 +81,41 @@ class QLoRAPrecision(Precision):
     def _skip_modules(self) -> tuple[str, ...]:
         return self.quant.skip_modules if self.quant is not None else ("lm_head",)
 
-    def tensor_init_context(self) -> Any:
-        return _init_context(self.dtype, self.quant)
+    def tensor_init_context(self) -> AbstractContextManager:
+        """Builds linear layers off the accelerator (or on meta under ``empty_init``) and converts the model on exit.
 
-    def module_init_context(self) -> Any:
-        return self.tensor_init_context()
+        Converting as soon as the model exists (rather than in ``Trainer.fit``'s setup) means a run
+        resumed with ``trainer.fit(model, ckpt_path=...)`` loads its adapters into adapted layers.
+        """
+        return self._init_context()
+
+    def module_init_context(self) -> AbstractContextManager:
+        return self._init_context()
+
+    @contextmanager
+    def _init_context(self) -> Generator[None, None, None]:
+        if self._init_depth:  # Lightning nests tensor_init_context and module_init_context
+            yield
+            return
+        parents: dict[int, nn.Module] = {}
+        children: set[int] = set()
+
+        def record(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+            if child is not None:
+                parents[id(parent)] = parent
+                children.add(id(child))
+
+        handle = register_module_module_registration_hook(record)
+        self._init_depth += 1
+        try:
+            with _DtypeContextManager(self.dtype), deferred_linear_init(self.quant):
+                yield
+        finally:
+            self._init_depth -= 1
+            handle.remove()
+        for key, root in parents.items():
+            if key not in children and any(True for _ in named_linears(root)):
+                self.convert_module(root)
 
     def forward_context(self) -> Any:
         return _DtypeContextManager(self.dtype)
@@ -108,20 +149,6 @@ class QLoRAPrecision(Precision):
             )
 
 
-def _Params4bit() -> type:
-    import bitsandbytes as bnb
-
-    return bnb.nn.Params4bit
-
-
-@contextmanager
-def _init_context(dtype: torch.dtype, quant: QuantConfig | None) -> Generator[None, None, None]:
-    with ExitStack() as stack:
-        stack.enter_context(_DtypeContextManager(dtype))
-        stack.enter_context(deferred_linear_init(quant))
-        yield
-
-
 def _is_adapter_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
@@ -133,23 +160,41 @@ def _checkpoint_only_adapters(module: nn.Module) -> None:
     is rebuilt from its source when the run resumes. Missing adapter keys still fail a strict load.
     """
 
-    def keep_trainable(mod: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    def keep_trainable(
+        mod: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any
+    ) -> None:
         trainable = {prefix + name for name, p in mod.named_parameters() if p.requires_grad}
         for key in [k for k in state_dict if k.startswith(prefix)]:
             if key not in trainable and not _is_adapter_key(key):
                 del state_dict[key]
 
+    loading_adapters = [True]
+
+    def check_adapter_shapes(mod: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+        loading_adapters[0] = any(_is_adapter_key(k) for k in state_dict)
+        # One clear message instead of torch's wall of size mismatches, e.g. when resuming with another rank.
+        params = dict(mod.named_parameters(prefix=prefix.rstrip(".")))
+        for key, value in state_dict.items():
+            if _is_adapter_key(key) and key in params and params[key].shape != value.shape:
+                ckpt_r, model_r = min(value.shape), min(params[key].shape)
+                raise ValueError(
+                    f"the checkpoint's adapters do not fit this model: {key} is {tuple(value.shape)} in the "
+                    f"checkpoint, {tuple(params[key].shape)} here (lora.r: checkpoint {ckpt_r}, plugin {model_r}). "
+                    "Build QLoRAPrecision with the checkpoint's LoRA settings to resume it"
+                )
+
     def ignore_missing_base(mod: nn.Module, incompatible: Any) -> None:
-        frozen = [k for k in incompatible.missing_keys if not _is_adapter_key(k)]
-        for key in frozen:
+        # A state dict with adapters (a resume) must hold all of them; one without (base weights
+        # loaded into a model built empty) leaves the fresh adapters as they are.
+        tolerated = [
+            k for k in incompatible.missing_keys if not _is_adapter_key(k) or not loading_adapters[0]
+        ]
+        for key in tolerated:
             incompatible.missing_keys.remove(key)
 
-    module._register_state_dict_hook(keep_trainable)
-    module.register_load_state_dict_post_hook(ignore_missing_base)
-
-
-def is_converted(module: nn.Module) -> bool:
-    return bool(getattr(module, "_qlora_converted", False))
-
-
-__all__ = ["QLoRAPrecision", "Linear4bit"]
+    # Handles kept so a merged export (adapters.merge_adapter) can restore the full state dict.
+    module._qlora_hooks = (
+        module._register_state_dict_hook(keep_trainable),
+        module.register_load_state_dict_post_hook(ignore_missing_base),
+        module._register_load_state_dict_pre_hook(check_adapter_shapes, with_module=True),
+    )
