@@ -1,0 +1,660 @@
+"""Adapters in PEFT's LoRA format, merged 16-bit export, and model loading for inference.
+
+``save_adapter`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` exactly as PEFT
+does, so ``peft.PeftModel.from_pretrained(base, directory)`` loads them; it also writes
+``qlora_config.json`` (our quantization + LoRA settings) so the same 4-bit base can be rebuilt.
+``load_adapter`` reads ours and PEFT-made LoRA adapters into a model converted by
+:class:`~lightning_qlora.QLoRAPrecision`, validating everything before it touches the model.
+``merge_adapter`` folds adapters into 16-bit weights one layer at a time, and ``export_merged``
+(console script ``lightning-qlora-export``) writes the result with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .lora import LoRAConfig, LoRALinear, lora_layers
+from .nf4 import Linear4bit, QuantConfig, _parent, as_dtype, dequantize, dtype_name, named_linears
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT releases
+ADAPTER_CONFIG = "adapter_config.json"
+QLORA_CONFIG = "qlora_config.json"
+PEFT_PREFIX = "base_model.model."
+
+# PEFT features that change the adapter's arithmetic; loading them as plain LoRA would be silently wrong.
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
+    "lora_bias": "adapters with a LoRA bias",
+    "layer_replication": "layer replication",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "trainable_token_indices": "trainable token indices",
+}
+
+
+def hf_root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module adapter keys are relative to, and its qualified name inside ``model``.
+
+    A ``transformers`` model is its own root. A wrapper (a LightningModule holding the HF model as
+    ``self.model``) with exactly one outermost ``PreTrainedModel`` inside is keyed relative to it,
+    so the saved keys are those PEFT expects for that model; any other module is its own root.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model, ""
+    outer: list[tuple[str, nn.Module]] = []
+    for name, sub in model.named_modules():
+        if isinstance(sub, PreTrainedModel) and not any(name.startswith(o + ".") for o, _ in outer):
+            outer.append((name, sub))
+    if len(outer) == 1:
+        return outer[0][1], outer[0][0]
+    return model, ""
+
+
+def _alpha(layer: LoRALinear, use_rslora: bool) -> float:
+    alpha = layer.scaling * (math.sqrt(layer.r) if use_rslora else layer.r)
+    return round(alpha, 6) if abs(alpha - round(alpha)) > 1e-6 else float(round(alpha))
+
+
+def _target_modules(root: nn.Module, names: Sequence[str]) -> list[str] | str:
+    """What PEFT should match: leaf names when they select exactly ``names``, else a full-name regex.
+
+    PEFT matches a list by name suffix, so ``["q_proj"]`` would also adapt q_proj layers that we
+    left alone (a regex target or ``exclude_modules``); a regex over full names is exact.
+    """
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    # Linear layers as PEFT sees them: a LoRALinear stands for its base, whose own name is hidden.
+    linears = [n for n, _ in named_linears(root) if not n.endswith(".base_layer")] + list(lora_layers(root))
+    selected = {n for n in linears if n.rsplit(".", 1)[-1] in leaves}
+    if selected == set(names):
+        return leaves
+    return "(" + "|".join(re.escape(n) for n in sorted(names)) + ")"
+
+
+def _infer_quant(root: nn.Module) -> QuantConfig | None:
+    """The QuantConfig a converted model was built with (skip_modules: its 16-bit linear layers)."""
+    quantized = [m for _, m in named_linears(root) if isinstance(m, Linear4bit)]
+    if not quantized:
+        return None
+    first = quantized[0]
+    skipped = [n for n, m in named_linears(root) if not isinstance(m, Linear4bit)]
+    return QuantConfig(
+        quant_type=first.quant_type,
+        double_quant=first.double_quant,
+        blocksize=first.blocksize,
+        compute_dtype=first.compute_dtype,
+        quant_storage=first.weight.quant_storage,
+        skip_modules=tuple(skipped),
+    )
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    precision: Any = None,
+) -> Path:
+    """Writes the model's LoRA adapters in PEFT's format.
+
+    Args:
+        model: a model converted by ``QLoRAPrecision`` (an HF model, or a module wrapping one).
+        directory: created if needed; existing adapter files are replaced atomically.
+        base_model_name_or_path: recorded for PEFT; default ``model.config._name_or_path``.
+        precision: the ``QLoRAPrecision`` used for training; its settings go to ``qlora_config.json``
+            (inferred from the model's layers when omitted).
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: the model has no LoRA layers, or its layers differ in rank or scaling (PEFT's
+            ``rank_pattern`` / ``alpha_pattern`` are not written).
+    """
+    from safetensors.torch import save_file
+
+    root, _ = hf_root(model)
+    layers = lora_layers(root)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA layers to save; convert it with QLoRAPrecision.convert_module "
+            "(the Trainer does this) first"
+        )
+    first_name, first = next(iter(layers.items()))
+    for name, layer in layers.items():
+        if layer.r != first.r or not math.isclose(layer.scaling, first.scaling, rel_tol=1e-6):
+            raise ValueError(
+                f"LoRA layers differ: '{first_name}' has r={first.r}, scaling={first.scaling:g} but '{name}' has "
+                f"r={layer.r}, scaling={layer.scaling:g}; per-layer ranks are not supported"
+            )
+    lora_cfg: LoRAConfig | None = getattr(precision, "lora", None)
+    # LoRALinear keeps only the scaling; take alpha/rslora from the plugin when they agree with it.
+    use_rslora = bool(lora_cfg is not None and lora_cfg.use_rslora and lora_cfg.r == first.r)
+    alpha = _alpha(first, use_rslora)
+    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(root, list(layers)),
+        "use_rslora": use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    tensors = {}
+    for name, layer in layers.items():
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part).weight
+            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = (
+                weight.detach().to("cpu", torch.float32).contiguous()
+            )
+    quant = getattr(precision, "quant", None) if precision is not None else _infer_quant(root)
+    qlora = {
+        "quant": None if quant is None else quant.to_dict(),
+        "lora": {
+            **(lora_cfg.to_dict() if lora_cfg is not None else {}),
+            "r": first.r,
+            "alpha": alpha,
+            "dropout": dropout,
+            "use_rslora": use_rslora,
+            "target_modules": list(layers),
+        },
+    }
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a checkpoint interrupted mid-write never leaves a half adapter behind.
+    _atomic(out / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic(out / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic(out / QLORA_CONFIG, lambda p: p.write_text(json.dumps(qlora, indent=2) + "\n"))
+    return out
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The validated ``adapter_config.json`` of a LoRA adapter directory.
+
+    Raises:
+        ValueError: no adapter there, malformed JSON, not LoRA, or a LoRA variant this package
+            cannot apply exactly (DoRA, per-layer ranks or alphas, ...).
+    """
+    path = Path(directory)
+    where = f"adapter directory '{path}'"
+    if not path.is_dir():
+        raise ValueError(f"{where} does not exist")
+    cfg_file = path / ADAPTER_CONFIG
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"{where} has no {ADAPTER_CONFIG} (found: {sorted(p.name for p in path.iterdir())[:10]}); "
+            "it must hold adapter_config.json + adapter_model.safetensors as written by save_adapter or PEFT"
+        )
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} must hold a JSON object, not {type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type={cfg.get('peft_type')!r}; only LoRA adapters can be loaded")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} has r={r!r}; it must be a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} has lora_alpha={alpha!r}; it must be a positive number")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(
+                f"{where}: {key}={cfg[key]!r} gives layers different ranks or alphas; lightning-qlora supports one "
+                "rank and alpha for all layers"
+            )
+    for key, what in _UNSUPPORTED.items():
+        if cfg.get(key):
+            raise ValueError(f"{where}: {key}={cfg[key]!r}; {what} are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={cfg['bias']!r}; only bias='none' adapters are supported")
+    return cfg
+
+
+def adapter_scaling(cfg: dict[str, Any]) -> float:
+    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA: PEFT's scaling."""
+    r = cfg["r"]
+    return float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def _read_adapter_weights(directory: Path) -> dict[str, Tensor]:
+    safetensors_file, bin_file = directory / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS_BIN
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(safetensors_file))
+        if bin_file.is_file():
+            return torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise ValueError(f"adapter directory '{directory}': cannot read its weights: {err}") from None
+    raise ValueError(f"adapter directory '{directory}' has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}")
+
+
+_KEY = re.compile(r"^(?P<layer>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def _layer_key(key: str) -> tuple[str, str] | None:
+    """``base_model.model.X.lora_A[.default].weight`` -> ``("X", "lora_A")``; None for other keys."""
+    match = _KEY.match(key.removeprefix(PEFT_PREFIX))
+    return (match["layer"], match["part"]) if match else None
+
+
+def target_names(directory: str | os.PathLike) -> list[str]:
+    """Qualified names (relative to the HF model) of the layers an adapter directory adapts."""
+    read_adapter_config(directory)
+    names = []
+    for key in _read_adapter_weights(Path(directory)):
+        parsed = _layer_key(key)
+        if parsed and parsed[0] not in names:
+            names.append(parsed[0])
+    return names
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Loads a LoRA adapter (ours or PEFT's) into a model converted by ``QLoRAPrecision``.
+
+    Every adapter layer must exist in the model as a LoRA layer of the same rank and shape; the
+    adapter's scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) replaces the layers'.
+    LoRA layers of the model that the adapter does not cover get ``B = 0``, so the model computes
+    exactly base + this adapter. Everything is checked before any weight changes: on error the
+    model is untouched.
+
+    Args:
+        model: the converted model (an HF model or a module wrapping one).
+        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Returns:
+        The qualified names of the layers that received adapter weights.
+
+    Raises:
+        ValueError: naming the directory and the first mismatch, when the directory holds no
+            usable adapter or the adapter does not fit the model.
+    """
+    path = Path(directory)
+    cfg = read_adapter_config(path)
+    tensors = _read_adapter_weights(path)
+    root, _ = hf_root(model)
+    layers = lora_layers(root)
+    where = f"cannot load adapter '{path}'"
+    if not layers:
+        raise ValueError(
+            f"{where}: {type(model).__name__} has no LoRA layers. Convert it first with "
+            "QLoRAPrecision(lora=LoRAConfig(r=..., target_modules=...)).convert_module(model), or build it with "
+            "lightning_qlora.adapters.load_model(base, adapter_dir)"
+        )
+    sample = next(iter(layers.values()))
+    model_desc = (
+        f"the model has {len(layers)} LoRA layers with r={sample.r} (e.g. {list(layers)[:3]}); "
+        f"the adapter has r={cfg['r']}, lora_alpha={cfg['lora_alpha']}, target_modules={cfg.get('target_modules')}"
+    )
+    staged: dict[tuple[str, str], Tensor] = {}
+    for key, tensor in tensors.items():
+        parsed = _layer_key(key)
+        if parsed is None:
+            raise ValueError(f"{where}: key '{key}' is not a LoRA weight (lora_A/lora_B); {model_desc}")
+        name, part = parsed
+        if name not in layers:
+            raise ValueError(
+                f"{where}: key '{key}' targets '{name}', which is not a LoRA layer of the model; {model_desc}"
+            )
+        layer = layers[name]
+        if layer.r != cfg["r"]:
+            raise ValueError(
+                f"{where}: rank mismatch at '{key}': the adapter has r={cfg['r']}, the model's layer r={layer.r}; "
+                f"{model_desc}"
+            )
+        target = getattr(layer, part).weight
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{where}: shape mismatch at '{key}': adapter {tuple(tensor.shape)}, model {tuple(target.shape)}; "
+                f"{model_desc}"
+            )
+        if target.device.type == "meta":
+            raise ValueError(
+                f"{where}: the model's adapter weights are on the meta device; materialize the model first"
+            )
+        staged[(name, part)] = tensor.to(target.device, target.dtype)
+    covered = {name for name, _ in staged}
+    for name in covered:
+        for part in ("lora_A", "lora_B"):
+            if (name, part) not in staged:
+                raise ValueError(f"{where}: '{name}' has no {part} weight in the adapter file; {model_desc}")
+    if not covered:
+        raise ValueError(f"{where}: the adapter file holds no LoRA weights")
+    scaling = adapter_scaling(cfg)
+    # Validated: from here on nothing can fail halfway. copy_ keeps the Parameter objects (and any
+    # optimizer state pointing at them).
+    for name, layer in layers.items():
+        if name in covered:
+            layer.lora_A.weight.copy_(staged[(name, "lora_A")])
+            layer.lora_B.weight.copy_(staged[(name, "lora_B")])
+            layer.scaling = scaling
+        else:
+            layer.lora_B.weight.zero_()
+    return sorted(covered, key=list(layers).index)
+
+
+def _release_adapter_hooks(model: nn.Module) -> None:
+    """Undoes QLoRAPrecision's adapters-only ``state_dict`` so ``save_pretrained`` sees every weight."""
+    for module in model.modules():
+        for handle in getattr(module, "_qlora_hooks", ()):
+            handle.remove()
+        for attr in ("_qlora_hooks", "_qlora_converted"):
+            if attr in module.__dict__:
+                delattr(module, attr)
+
+
+@torch.no_grad()
+def merge_adapter(
+    model: nn.Module, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """Folds every adapter into its base weight and leaves a plain 16-bit model, in place.
+
+    One layer at a time: the 4-bit weight is dequantized by bitsandbytes (on ``device`` when
+    given, e.g. ``"cuda"``), ``B @ A * scaling`` is added in float32, and the result is cast to
+    ``dtype`` and moved to the host before the next layer, so the device never holds more than one
+    16-bit layer. 4-bit layers without an adapter are dequantized too. No re-quantization.
+
+    Args:
+        model: a model converted by ``QLoRAPrecision`` (adapters loaded).
+        dtype: dtype of the merged model (default: the quantization's compute dtype).
+        device: where to dequantize and merge; default where each weight lies.
+
+    Returns:
+        ``model``, now made of ``nn.Linear`` layers, with a full ``state_dict`` again.
+    """
+    out_dtype = as_dtype(dtype, "dtype") if dtype is not None else None
+    work = torch.device(device) if device is not None else None
+    adapted = lora_layers(model)
+    plain4 = [n for n, m in named_linears(model) if isinstance(m, Linear4bit) and not _inside(n, adapted)]
+    for name in [*adapted, *plain4]:
+        parent, attr = _parent(model, name)
+        layer = getattr(parent, attr)
+        base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+        host = _host_device(base)
+        if isinstance(base, Linear4bit):
+            if not base.quantized:  # quantize as the training forward would have, then dequantize
+                base.quantize_(work or base.weight.device)
+            w4 = base.weight if work is None or base.weight.device == work else base.weight.to(work)
+            weight = dequantize(w4).float()
+            default_dtype = base.compute_dtype
+        else:
+            weight = base.weight.detach().to(work or base.weight.device).float()
+            default_dtype = base.weight.dtype
+        if isinstance(layer, LoRALinear):
+            weight += layer.delta_weight().to(weight.device)
+        target = out_dtype or default_dtype
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(host, target), requires_grad=False)
+        if base.bias is not None:
+            linear.bias = nn.Parameter(base.bias.detach().to(host, target), requires_grad=False)
+        setattr(parent, attr, linear)
+        del weight, layer, base
+    if out_dtype is not None:
+        model.to(out_dtype)
+    _release_adapter_hooks(model)
+    return model
+
+
+def _inside(name: str, parents: dict[str, Any]) -> bool:
+    return any(name.startswith(p + ".") for p in parents)
+
+
+def _host_device(base: nn.Module) -> torch.device:
+    device = base.weight.device
+    return (
+        torch.device("cpu")
+        if device.type == "meta"
+        else device
+        if device.type == "cpu"
+        else torch.device("cpu")
+    )
+
+
+def read_qlora_config(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """Our ``qlora_config.json`` next to an adapter (None for a PEFT-made adapter)."""
+    path = Path(directory) / QLORA_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{path}' is not valid JSON: {err}") from None
+
+
+def load_model(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    quant: QuantConfig | None | str = "auto",
+    compute_dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """An HF causal LM from ``base`` (+ a LoRA adapter), built the way training built it.
+
+    Args:
+        base: a ``save_pretrained`` directory or hub id of the 16-bit base model.
+        adapter: an adapter directory (ours or PEFT's); None for the plain (or merged) model.
+        quant: ``"auto"`` (the adapter's saved ``qlora_config.json`` quantization; nf4 for an adapter
+            without one; none without an adapter), ``"nf4"``, ``"fp4"``, ``"none"``/None, or a QuantConfig.
+        compute_dtype: dtype of the forward pass (default: saved setting, else float32 on CPU and
+            bfloat16 on a GPU).
+        device: where the model runs; 4-bit weights are quantized there, layer by layer.
+
+    Returns:
+        The model in eval mode, converted by ``QLoRAPrecision`` when quantized or adapted.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .precision import QLoRAPrecision
+
+    device = torch.device(device)
+    saved = read_qlora_config(adapter) if adapter is not None else None
+    saved_quant = (saved or {}).get("quant")
+    if compute_dtype is None:
+        if saved_quant and saved_quant.get("compute_dtype") and device.type != "cpu":
+            compute_dtype = saved_quant["compute_dtype"]
+        else:
+            compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = as_dtype(compute_dtype, "compute_dtype")
+    if quant == "auto":
+        if adapter is None:
+            quant = None
+        elif saved is not None:
+            quant = None if saved_quant is None else QuantConfig(**{**saved_quant, "compute_dtype": dtype})
+        else:
+            quant = "nf4"
+    if isinstance(quant, str):
+        if quant == "none":
+            quant = None
+        else:
+            fields = dict(saved_quant or {})
+            fields.update(quant_type=quant, compute_dtype=dtype)
+            quant = QuantConfig(**fields)
+    elif isinstance(quant, QuantConfig):
+        quant = QuantConfig(**{**quant.to_dict(), "compute_dtype": dtype})
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise ValueError(f"'{base}' is a pre-quantized checkpoint; give the 16-bit base model")
+    if quant is not None or adapter is not None:
+        if adapter is not None:
+            cfg = read_adapter_config(adapter)
+            lora = LoRAConfig(
+                r=cfg["r"],
+                alpha=cfg["lora_alpha"],
+                target_modules=target_names(adapter),
+                use_rslora=bool(cfg.get("use_rslora")),
+            )
+        else:
+            lora = LoRAConfig()
+        QLoRAPrecision(quant=quant, lora=lora, compute_dtype=dtype).convert_module(model)
+        if adapter is not None:
+            load_adapter(model, adapter)
+    model.to(device)
+    return model.eval()
+
+
+def export_merged(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_size: str | int = "2GB",
+    device: str | torch.device = "cpu",
+    quant: QuantConfig | None | str = "auto",
+    tokenizer: str | None = None,
+) -> Path:
+    """Writes base + adapter as one 16-bit ``save_pretrained`` checkpoint that plain transformers loads.
+
+    The base is rebuilt exactly as in training (4-bit with the adapter's saved quantization settings,
+    unless ``quant`` says otherwise), the adapter loaded, each layer dequantized and merged on
+    ``device`` and moved to the host, then everything saved as sharded safetensors, with the base's
+    tokenizer when it has one.
+
+    Args:
+        base: the 16-bit base model (directory or hub id).
+        adapter: the adapter directory.
+        out: the output directory.
+        dtype: ``bf16``, ``fp16`` (or ``fp32``) for the merged weights.
+        max_shard_size: largest safetensors shard, e.g. ``"2GB"``.
+        device: where layers are dequantized and merged (``cuda`` for speed; host memory holds the result).
+        quant: as in :func:`load_model`.
+        tokenizer: tokenizer to save with the model (default: the base's, if it has one).
+
+    Returns:
+        The output directory.
+    """
+    out_dtype = as_dtype(dtype, "dtype")
+    saved = read_qlora_config(adapter)
+    compute = (saved or {}).get("quant") or {}
+    # Build on the host: merge_adapter moves one layer at a time to ``device``.
+    model = load_model(base, adapter, quant=quant, compute_dtype=compute.get("compute_dtype"), device="cpu")
+    merge_adapter(model, dtype=out_dtype, device=device)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = out_dtype
+    out = Path(out)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tok = _load_tokenizer(tokenizer or str(base), required=tokenizer is not None)
+    if tok is not None:
+        tok.save_pretrained(out)
+    return out
+
+
+def _load_tokenizer(name: str, required: bool) -> Any:
+    try:
+        from .tokenizer import load_tokenizer
+    except ImportError:  # tokenizer module not present: plain transformers
+        from transformers import AutoTokenizer
+
+        load_tokenizer = AutoTokenizer.from_pretrained
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError, TypeError):
+        if required:
+            raise
+        return None
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """``lightning-qlora-export``: merge an adapter into its base and save a 16-bit HF model."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-qlora-export",
+        description="Merge a LoRA adapter into its (4-bit-trained) base and save a 16-bit transformers model.",
+    )
+    parser.add_argument(
+        "--base", required=True, help="16-bit base model: save_pretrained directory or hub id"
+    )
+    parser.add_argument("--adapter", required=True, help="adapter directory (lightning-qlora or PEFT)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="merged weight dtype"
+    )
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument(
+        "--device", default="cpu", help="where layers are dequantized and merged: cpu or cuda"
+    )
+    parser.add_argument(
+        "--quant",
+        default="auto",
+        choices=["auto", "nf4", "fp4", "none"],
+        help="base quantization used in training (auto: the adapter's qlora_config.json, else nf4)",
+    )
+    parser.add_argument("--blocksize", type=int, default=None, help="override the quantization block size")
+    parser.add_argument(
+        "--double-quant", default=None, choices=["true", "false"], help="override double quantization"
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the base's, if any)")
+    args = parser.parse_args(argv)
+    quant: Any = args.quant
+    if args.blocksize is not None or args.double_quant is not None:
+        if quant == "none":
+            parser.error("--blocksize/--double-quant need a quantized base")
+        saved = (read_qlora_config(args.adapter) or {}).get("quant") or {}
+        fields = {**saved}
+        if quant != "auto":
+            fields["quant_type"] = quant
+        if args.blocksize is not None:
+            fields["blocksize"] = args.blocksize
+        if args.double_quant is not None:
+            fields["double_quant"] = args.double_quant == "true"
+        quant = QuantConfig(**fields)
+    try:
+        out = export_merged(
+            args.base,
+            args.adapter,
+            args.out,
+            args.dtype,
+            args.max_shard_size,
+            args.device,
+            quant,
+            args.tokenizer,
+        )
+    except ValueError as err:
+        print(f"lightning-qlora-export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model ({dtype_name(as_dtype(args.dtype, 'dtype'))}) written to {out}")
+    return 0
+
+
+__all__ = [
+    "export_main",
+    "export_merged",
+    "load_adapter",
+    "load_model",
+    "merge_adapter",
+    "read_adapter_config",
+    "save_adapter",
+]
