@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -588,6 +589,44 @@ def _load_tokenizer(name: str, required: bool) -> Any:
         return None
 
 
+class AdapterCheckpoint(L.Callback):
+    """A Lightning callback that writes the adapter in PEFT's format at each checkpoint and at the end.
+
+    ``<dirpath>/step-<N>`` is written whenever the Trainer saves a checkpoint, and ``<dirpath>/final``
+    when fitting ends; each loads with ``peft.PeftModel.from_pretrained`` and :func:`load_adapter`.
+    Rank zero writes. Under FSDP the adapters must be unsharded first (not handled here).
+
+    Args:
+        dirpath: where the adapters go; default ``<trainer.log_dir or default_root_dir>/adapters``.
+        base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model's own).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, base_model_name_or_path: str | None = None):
+        self.dirpath = dirpath
+        self.base_model_name_or_path = base_model_name_or_path
+
+    def _save(self, trainer: L.Trainer, pl_module: nn.Module, name: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = (
+            Path(self.dirpath)
+            if self.dirpath is not None
+            else Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
+        )
+        plugin = trainer.precision_plugin
+        save_adapter(
+            pl_module, root / name, self.base_model_name_or_path, plugin if hasattr(plugin, "lora") else None
+        )
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._save(trainer, pl_module, f"step-{trainer.global_step}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module, "final")
+
+
 def export_main(argv: Sequence[str] | None = None) -> int:
     """``lightning-qlora-export``: merge an adapter into its base and save a 16-bit HF model."""
     parser = argparse.ArgumentParser(
@@ -650,6 +689,7 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
+    "AdapterCheckpoint",
     "export_main",
     "export_merged",
     "load_adapter",
