@@ -1,0 +1,90 @@
+"""Generation: the reusable function on a converted 4-bit model, and the console script."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+from lightning_qlora.adapters import export_merged, save_adapter
+from lightning_qlora.generate import generate, main, read_prompts
+from lightning_qlora.tokenizer import build_byte_tokenizer
+
+VOCAB = 272
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama + byte tokenizer on disk, a converted model with a trained adapter, and that adapter."""
+    base = tmp_path_factory.mktemp("base")
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    build_byte_tokenizer().save_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype=torch.float32), lora=LoRAConfig(r=4))
+    plugin.convert_module(model)
+    tokens = torch.randint(6, VOCAB, (4, 16))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    adapter = tmp_path_factory.mktemp("adapter")
+    save_adapter(model, adapter, precision=plugin)
+    return str(base), model, str(adapter)
+
+
+def test_generate_on_a_converted_4bit_model(setup):
+    _, model, _ = setup
+    tok = build_byte_tokenizer()
+    model.train()
+    prompts = ["Hello", "A much longer prompt, padded on the left"]
+    greedy = generate(model, tok, prompts, max_new_tokens=8, greedy=True)
+    assert len(greedy) == 2 and all(isinstance(t, str) and t for t in greedy)
+    assert generate(model, tok, prompts, max_new_tokens=8, greedy=True) == greedy
+    # Batched = one at a time: left padding does not change a prompt's completion.
+    assert generate(model, tok, prompts[1], max_new_tokens=8, greedy=True) == greedy[1:]
+    sampled = generate(model, tok, prompts, max_new_tokens=8, seed=1, top_k=20)
+    assert generate(model, tok, prompts, max_new_tokens=8, seed=1, top_k=20) == sampled
+    assert model.training and tok.padding_side == "right"  # restored
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, "x", temperature=0)
+
+
+def test_cli_with_adapter_matches_the_merged_model(setup, tmp_path, capsys):
+    base, _, adapter = setup
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps("Once upon a time") + "\n")
+    assert read_prompts(prompts) == ["Hello", "Once upon a time"]
+    out = tmp_path / "out.jsonl"
+    common = ["--prompts-file", str(prompts), "--max-new-tokens", "6", "--greedy", "--device", "cpu"]
+    assert main(["--model", base, "--adapter", adapter, *common, "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello", "Once upon a time"] and all(r["completion"] for r in rows)
+    assert "### Hello" in capsys.readouterr().out
+
+    merged = export_merged(base, adapter, tmp_path / "merged", dtype="fp32")
+    assert main(["--model", str(merged), *common, "--output", str(tmp_path / "merged.jsonl")]) == 0
+    merged_rows = [json.loads(line) for line in (tmp_path / "merged.jsonl").read_text().splitlines()]
+    assert merged_rows == rows
+
+
+def test_cli_single_prompt_chat_and_errors(setup, tmp_path, capsys):
+    base, _, adapter = setup
+    args = ["--model", base, "--adapter", adapter, "--prompt", "Hi", "--max-new-tokens", "4", "--chat"]
+    assert main([*args, "--tokenizer", "byte", "--quant", "nf4"]) == 0
+    assert capsys.readouterr().out.strip("\n") != ""
+    assert main(["--model", base, "--adapter", str(tmp_path), "--prompt", "Hi"]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
