@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -67,15 +68,17 @@ def _read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
             import pyarrow.parquet as pq
 
             return [(f"{path}, row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM spreadsheet exports add
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text: {e}") from e
     if ext == ".txt":  # one row per non-blank line, as datasets' "text" loader does
         return [
-            (f"{path}, line {i}", {text_field: s}) for i, s in enumerate(text.splitlines(), 1) if s.strip()
+            (f"{path}, line {i}", {text_field: s.rstrip("\r")})
+            for i, s in enumerate(text.split("\n"), 1)
+            if s.strip()
         ]
     if ext == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         return [
             (f"{path}, line {reader.line_num}", {k: v for k, v in r.items() if k is not None}) for r in reader
         ]
@@ -88,8 +91,9 @@ def _read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
                     f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
                 ) from e
         else:
-            if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
-                obj = next(iter(obj.values()))  # {"data": [...]}, what datasets' `field=` reads
+            [(key, val)] = obj.items() if isinstance(obj, dict) and len(obj) == 1 else [(None, None)]
+            if key != "messages" and isinstance(val, list):
+                obj = val  # {"data": [...]}, what datasets' `field=` reads
             if not isinstance(obj, list):
                 raise ValueError(
                     f"{path}: expected a JSON list of objects (or JSON Lines), got {type(obj).__name__}"
@@ -100,7 +104,7 @@ def _read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
                     raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
             return rows
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -310,6 +314,7 @@ class InstructDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.prompt_template, self.text_field = prompt_template, text_field
         self.max_samples, self.seed = max_samples, seed
+        self._own_cache = cache_dir is not None
         self.cache_dir = (
             Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "lightning_qlora"
         )
@@ -418,7 +423,7 @@ class InstructDataModule(L.LightningDataModule):
         return "hub", path
 
     def _load_hub(self, path: str) -> datasets.DatasetDict:
-        cache = str(self.cache_dir / "hf") if self.cache_dir else None
+        cache = str(self.cache_dir / "hf") if self._own_cache else None  # else the shared HF cache
         try:
             return datasets.load_dataset(path, self.name, cache_dir=cache)
         except Exception as e:  # offline hub, bad folder layout, ...: one message that names it
