@@ -386,12 +386,14 @@ def merge_adapter(
     One layer at a time: the 4-bit weight is dequantized by bitsandbytes (on ``device`` when
     given, e.g. ``"cuda"``), ``B @ A * scaling`` is added in float32, and the result is cast to
     ``dtype`` and moved to the host before the next layer, so the device never holds more than one
-    16-bit layer. 4-bit layers without an adapter are dequantized too. No re-quantization.
+    16-bit layer. A 4-bit weight not yet quantized is quantized on ``device`` first, as the
+    training forward would have. 4-bit layers without an adapter are dequantized too. No re-quantization.
 
     Args:
         model: a model converted by ``QLoRAPrecision`` (adapters loaded).
         dtype: dtype of the merged model (default: the quantization's compute dtype).
-        device: where to dequantize and merge; default where each weight lies.
+        device: where to dequantize and merge (merged layers then go to the host); default: where
+            each layer lies, and it stays there.
 
     Returns:
         ``model``, now made of ``nn.Linear`` layers, with a full ``state_dict`` again.
@@ -404,7 +406,9 @@ def merge_adapter(
         parent, attr = _parent(model, name)
         layer = getattr(parent, attr)
         base = layer.base_layer if isinstance(layer, LoRALinear) else layer
-        host = _host_device(base)
+        # With a work device the merged layer goes to the host; else it stays where the layer was.
+        lives = base.weight.device
+        host = torch.device("cpu") if work is not None or lives.type == "meta" else lives
         if isinstance(base, Linear4bit):
             if not base.quantized:  # quantize as the training forward would have, then dequantize
                 base.quantize_(work or base.weight.device)
@@ -433,17 +437,6 @@ def _inside(name: str, parents: dict[str, Any]) -> bool:
     return any(name.startswith(p + ".") for p in parents)
 
 
-def _host_device(base: nn.Module) -> torch.device:
-    device = base.weight.device
-    return (
-        torch.device("cpu")
-        if device.type == "meta"
-        else device
-        if device.type == "cpu"
-        else torch.device("cpu")
-    )
-
-
 def read_qlora_config(directory: str | os.PathLike) -> dict[str, Any] | None:
     """Our ``qlora_config.json`` next to an adapter (None for a PEFT-made adapter)."""
     path = Path(directory) / QLORA_CONFIG
@@ -460,7 +453,7 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     quant: QuantConfig | None | str = "auto",
     compute_dtype: str | torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = "cpu",
 ) -> nn.Module:
     """An HF causal LM from ``base`` (+ a LoRA adapter), built the way training built it.
 
@@ -471,7 +464,9 @@ def load_model(
             without one; none without an adapter), ``"nf4"``, ``"fp4"``, ``"none"``/None, or a QuantConfig.
         compute_dtype: dtype of the forward pass (default: saved setting, else float32 on CPU and
             bfloat16 on a GPU).
-        device: where the model runs; 4-bit weights are quantized there, layer by layer.
+        device: where the model runs; 4-bit weights are quantized there, layer by layer. None leaves
+            the model on the host with its 4-bit weights not yet quantized (``merge_adapter`` then
+            quantizes each on its work device).
 
     Returns:
         The model in eval mode, converted by ``QLoRAPrecision`` when quantized or adapted.
@@ -480,14 +475,15 @@ def load_model(
 
     from .precision import QLoRAPrecision
 
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else None
     saved = read_qlora_config(adapter) if adapter is not None else None
     saved_quant = (saved or {}).get("quant")
     if compute_dtype is None:
-        if saved_quant and saved_quant.get("compute_dtype") and device.type != "cpu":
+        on_cpu = device is None or device.type == "cpu"
+        if saved_quant and saved_quant.get("compute_dtype") and not on_cpu:
             compute_dtype = saved_quant["compute_dtype"]
         else:
-            compute_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+            compute_dtype = torch.float32 if on_cpu else torch.bfloat16
     dtype = as_dtype(compute_dtype, "compute_dtype")
     if quant == "auto":
         if adapter is None:
@@ -522,7 +518,8 @@ def load_model(
         QLoRAPrecision(quant=quant, lora=lora, compute_dtype=dtype).convert_module(model)
         if adapter is not None:
             load_adapter(model, adapter)
-    model.to(device)
+    if device is not None:  # 4-bit weights are quantized on arrival there
+        model.to(device)
     return model.eval()
 
 
@@ -559,8 +556,8 @@ def export_merged(
     out_dtype = as_dtype(dtype, "dtype")
     saved = read_qlora_config(adapter)
     compute = (saved or {}).get("quant") or {}
-    # Build on the host: merge_adapter moves one layer at a time to ``device``.
-    model = load_model(base, adapter, quant=quant, compute_dtype=compute.get("compute_dtype"), device="cpu")
+    # Built on the host, not quantized yet: merge_adapter quantizes and merges one layer at a time on ``device``.
+    model = load_model(base, adapter, quant=quant, compute_dtype=compute.get("compute_dtype"), device=None)
     merge_adapter(model, dtype=out_dtype, device=device)
     config = model.config
     if hasattr(config, "quantization_config"):
