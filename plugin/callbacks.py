@@ -1,0 +1,326 @@
+"""Callbacks for any Lightning Trainer: memory + throughput, adapter gradient norm, run info and summary.
+
+They log through ``pl_module.log`` (so they share the step's logger row and Lightning's
+``log_every_n_steps``) or ``logger.log_hyperparams``, hence work with every Lightning logger;
+W&B gets the end-of-run summary in ``run.summary`` as well.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import psutil
+import torch
+from lightning.pytorch.callbacks import Callback
+
+GIB = 1024**3
+
+
+def _host_rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def _host_peak_rss() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _count_tokens(batch: Any) -> tuple[int, int]:
+    """(tokens, samples) of a batch: non-padding tokens from ``attention_mask``, else ``input_ids``."""
+    if isinstance(batch, Mapping):
+        mask, ids = batch.get("attention_mask"), batch.get("input_ids")
+        ref = mask if isinstance(mask, torch.Tensor) else ids
+        if isinstance(ref, torch.Tensor):
+            tokens = int(mask.sum()) if ref is mask else ref.numel()
+            return tokens, int(ref.shape[0]) if ref.dim() > 1 else 1
+    if isinstance(batch, torch.Tensor):
+        return batch.numel(), int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Sequence) and batch and isinstance(batch[0], torch.Tensor):
+        return _count_tokens(batch[0])
+    return 0, 0
+
+
+def _logged_steps(trainer: L.Trainer) -> int:
+    """The step count Lightning's ``log_every_n_steps`` is checked against at ``on_train_batch_end``."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step)) + 1
+
+
+class MemoryMonitor(Callback):
+    """Logs memory and throughput every ``log_every_n_steps`` training batches.
+
+    Keys: ``mem/gpu_allocated_gib``, ``mem/gpu_reserved_gib``, ``mem/gpu_peak_gib`` (CUDA only),
+    ``mem/host_rss_gib``, ``mem/host_peak_rss_gib``, ``perf/tokens_per_s`` (also on the progress bar),
+    ``perf/samples_per_s`` and ``perf/step_time_s``. Throughput counts the time from batch start to
+    batch end (forward, backward, optimizer step), not data loading or validation.
+
+    Args:
+        log_every_n_steps: logging interval in training batches.
+        prog_bar: show tokens/s on the progress bar.
+    """
+
+    def __init__(self, log_every_n_steps: int = 10, prog_bar: bool = True) -> None:
+        self.log_every_n_steps = max(int(log_every_n_steps), 1)
+        self.prog_bar = prog_bar
+        self._reset_window()
+        self.total_tokens = 0
+        self.total_samples = 0
+        self.total_time = 0.0
+        self.peak_gpu_bytes = 0
+        self.peak_rss_bytes = 0
+        self._batches = 0
+        self._t0: float | None = None
+
+    def _reset_window(self) -> None:
+        self._w_tokens = self._w_samples = self._w_batches = 0
+        self._w_time = 0.0
+
+    @staticmethod
+    def _cuda(pl_module: L.LightningModule) -> torch.device | None:
+        device = pl_module.device
+        return device if device.type == "cuda" and torch.cuda.is_available() else None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        cuda = self._cuda(pl_module)
+        if cuda is not None:
+            torch.cuda.synchronize(cuda)  # the step's kernels are async; time them, not their launch
+        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        tokens, samples = _count_tokens(batch)
+        self._w_tokens += tokens
+        self._w_samples += samples
+        self._w_batches += 1
+        self._w_time += elapsed
+        self._batches += 1
+        if self._batches > 1 or self.total_time == 0:  # the first batch (lazy quantization, warm-up) only
+            if self._batches == 2:  # stands in until a steady-state batch exists
+                self.total_tokens = self.total_samples = 0
+                self.total_time = 0.0
+            self.total_tokens += tokens
+            self.total_samples += samples
+            self.total_time += elapsed
+        if _logged_steps(trainer) % self.log_every_n_steps:
+            return
+        metrics = self.memory_metrics(cuda)
+        if self._w_time > 0:
+            metrics["perf/tokens_per_s"] = self._w_tokens / self._w_time
+            metrics["perf/samples_per_s"] = self._w_samples / self._w_time
+            metrics["perf/step_time_s"] = self._w_time / self._w_batches
+        self._reset_window()
+        for key, value in metrics.items():
+            pl_module.log(
+                key,
+                float(value),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=self.prog_bar and key == "perf/tokens_per_s",
+            )
+
+    def memory_metrics(self, cuda: torch.device | None = None) -> dict[str, float]:
+        """Current memory in GiB; GPU keys only where CUDA is in use."""
+        rss, peak_rss = _host_rss(), _host_peak_rss()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss, peak_rss)
+        metrics = {"mem/host_rss_gib": rss / GIB, "mem/host_peak_rss_gib": self.peak_rss_bytes / GIB}
+        if cuda is not None:
+            peak = torch.cuda.max_memory_allocated(cuda)
+            self.peak_gpu_bytes = max(self.peak_gpu_bytes, peak)
+            metrics["mem/gpu_allocated_gib"] = torch.cuda.memory_allocated(cuda) / GIB
+            metrics["mem/gpu_reserved_gib"] = torch.cuda.memory_reserved(cuda) / GIB
+            metrics["mem/gpu_peak_gib"] = peak / GIB
+        return metrics
+
+    @property
+    def mean_tokens_per_s(self) -> float:
+        """Tokens/s over the run, leaving out the first (warm-up) batch."""
+        return self.total_tokens / self.total_time if self.total_time > 0 else 0.0
+
+
+class GradNormMonitor(Callback):
+    """Logs ``train/grad_norm`` (L2 norm over trainable parameters, i.e. the adapters) and ``train/lr`` each step.
+
+    The norm is taken before gradient clipping, so it shows what clipping acts on.
+    """
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        grads = [p.grad.detach() for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        pl_module.log("train/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
+
+
+def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
+    """Parameters by kind: ``total`` (4-bit weights counted as the weights they encode), ``trainable``, ``4bit``."""
+    import bitsandbytes as bnb
+
+    total = trainable = four_bit = 0
+    seen: set[int] = set()
+    for param in module.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        if isinstance(param, bnb.nn.Params4bit):
+            state = getattr(param, "quant_state", None)
+            n = int(torch.Size(state.shape).numel()) if state is not None else param.numel()
+            four_bit += n
+        else:
+            n = param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return {"total": total, "trainable": trainable, "4bit": four_bit}
+
+
+class RunSummary(Callback):
+    """Logs run info once at the start and a summary at the end.
+
+    At train start: ``config`` (e.g. the resolved Hydra config), the QLoRA plugin's settings, the
+    model's name, parameter counts and bytes of weights by storage dtype, through
+    ``logger.log_hyperparams``. At the end: final train/val loss, peak GPU memory, peak host RSS and
+    mean tokens/s in :attr:`summary`, written to W&B's ``run.summary`` when the logger is W&B.
+
+    Args:
+        config: extra hyperparameters to log (nested dicts allowed).
+        model_name: the model's name; ``pl_module.model_name`` if it has one.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None, model_name: str | None = None) -> None:
+        self.config = dict(config or {})
+        self.model_name = model_name
+        self.run_info: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.val_losses: list[float] = []  # the sanity check's (if it ran the whole split) first
+        self._t_start = time.perf_counter()
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Only a full pass (num_sanity_val_steps=-1) gives a comparable loss before training.
+        if trainer.num_sanity_val_steps in (-1, float("inf")) and "val/loss" in trainer.callback_metrics:
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .nf4 import weight_bytes_by_dtype
+
+        self._t_start = time.perf_counter()
+        plugin = trainer.precision_plugin
+        counts = parameter_counts(pl_module)
+        self.run_info = {
+            "model_name": self.model_name or getattr(pl_module, "model_name", type(pl_module).__name__),
+            "params": counts,
+            "weight_bytes": weight_bytes_by_dtype(pl_module),
+            "precision_plugin": plugin.state_dict()
+            if hasattr(plugin, "lora")
+            else str(type(plugin).__name__),
+        }
+        params = {**self.config, "run_info": self.run_info}
+        for logger in trainer.loggers:
+            try:
+                logger.log_hyperparams(params)
+            except Exception as err:  # tracking must never stop training
+                _warn_once(f"could not log the run config to {type(logger).__name__}: {err}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        monitor = next((c for c in trainer.callbacks if isinstance(c, MemoryMonitor)), None)
+        summary: dict[str, Any] = {"global_step": trainer.global_step}
+        for key in ("train/loss", "val/loss"):
+            if key in metrics:
+                summary[f"final_{key.replace('/', '_')}"] = float(metrics[key])
+        if self.val_losses:
+            summary["first_val_loss"] = self.val_losses[0]
+        summary["train_time_s"] = time.perf_counter() - self._t_start
+        if monitor is not None:
+            cuda = monitor._cuda(pl_module)
+            monitor.memory_metrics(cuda)
+            summary["mean_tokens_per_s"] = monitor.mean_tokens_per_s
+            summary["total_tokens"] = monitor.total_tokens
+            summary["peak_host_rss_gib"] = monitor.peak_rss_bytes / GIB
+            if cuda is not None:
+                summary["peak_gpu_mem_gib"] = monitor.peak_gpu_bytes / GIB
+        else:
+            summary["peak_host_rss_gib"] = _host_peak_rss() / GIB
+            if pl_module.device.type == "cuda":
+                summary["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
+        if self.run_info:
+            summary["params_trainable"] = self.run_info["params"]["trainable"]
+            summary["params_total"] = self.run_info["params"]["total"]
+        self.summary = summary
+        update_wandb_summary(trainer, summary)
+
+
+def update_wandb_summary(trainer: L.Trainer, values: Mapping[str, Any]) -> None:
+    """Writes ``values`` into the W&B run's summary, if a W&B logger is attached; never raises."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                logger.experiment.summary.update(dict(values))
+            except Exception as err:
+                _warn_once(f"could not write the W&B summary: {err}")
+
+
+class SampleGeneration(Callback):
+    """Generates greedy samples for a few prompts before and after training (kept in ``before``/``after``).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompts: full prompt strings (already formatted for the model).
+        max_new_tokens: tokens generated per prompt.
+    """
+
+    def __init__(self, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32) -> None:
+        self.tokenizer = tokenizer
+        self.prompts = list(prompts)
+        self.max_new_tokens = max_new_tokens
+        self.before: list[str] = []
+        self.after: list[str] = []
+
+    def _generate(self, pl_module: L.LightningModule) -> list[str]:
+        from .generate import generate
+
+        model = getattr(pl_module, "model", None) or pl_module
+        was_training = model.training
+        try:
+            return generate(
+                model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, greedy=True
+            )
+        except Exception as err:  # a sample is a nicety; never lose a run to it
+            _warn_once(f"sample generation failed: {err}")
+            return []
+        finally:
+            model.train(was_training)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.prompts and trainer.is_global_zero:
+            self.before = self._generate(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.prompts and trainer.is_global_zero:
+            self.after = self._generate(pl_module)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        print(f"lightning-qlora: warning: {message}", file=sys.stderr)
