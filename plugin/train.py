@@ -397,8 +397,10 @@ def _format_prompt(datamodule: Any, instruction: str) -> str:
 def build_trainer(cfg: DictConfig, plugin: Any, logger: Any, callbacks: list[Any]) -> Any:
     import lightning as L
 
-    args = {k: v for k, v in OmegaConf.to_container(cfg.trainer, resolve=True).items() if v is not None}
-    args.setdefault("default_root_dir", cfg.output_dir)
+    # None is passed through: it is Lightning's own default for every key but check_val_every_n_epoch,
+    # where it means "count val_check_interval across epochs".
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args["default_root_dir"] = args["default_root_dir"] or cfg.output_dir
     return L.Trainer(
         plugins=[plugin], logger=logger if logger is not None else False, callbacks=callbacks, **args
     )
@@ -440,8 +442,26 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, tokenizer)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    _check_val_interval(cfg, datamodule)
     module = build_module(cfg, tokenizer)
     return {"plugin": plugin, "tokenizer": tokenizer, "datamodule": datamodule, "module": module}
+
+
+def _check_val_interval(cfg: DictConfig, datamodule: Any) -> None:
+    """Lightning refuses an int val_check_interval beyond one epoch only once training has started."""
+    t = cfg.trainer
+    train_set = getattr(datamodule, "train_dataset", None)
+    if not isinstance(t.val_check_interval, int) or t.check_val_every_n_epoch is None or train_set is None:
+        return
+    batches = -(-len(train_set) // cfg.data.batch_size)
+    if t.limit_train_batches is not None:
+        limit = t.limit_train_batches
+        batches = min(batches, int(limit if isinstance(limit, int) else limit * batches))
+    if t.val_check_interval > batches:
+        raise PreflightError(
+            f"trainer.val_check_interval={t.val_check_interval} is more than the {batches} training batches of an "
+            "epoch; set trainer.check_val_every_n_epoch=null to count it across epochs, or lower it"
+        )
 
 
 def train(cfg: DictConfig, parts: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -134,7 +134,7 @@ def compose() -> Iterator[Callable[..., Any]]:
 
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """Runs ``lightning-qlora`` (or ``python -m lightning_qlora.train`` with ``module=True``) from a tmp cwd."""
+    """Runs ``lightning-qlora`` (``python -m lightning_qlora.train`` with ``module=True``) from a tmp cwd, W&B offline."""
 
     def run(
         *args: str, module: bool = False, cwd: Path | None = None, env: dict | None = None, timeout: int = 300
@@ -142,7 +142,11 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
         cmd = [sys.executable, "-m", "lightning_qlora.train"] if module else [str(BIN / "lightning-qlora")]
         full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
         full_env.pop("WANDB_API_KEY", None)
-        full_env.update(env or {})
+        for key, value in (env or {}).items():  # None unsets
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         return subprocess.run(
             [*cmd, *args], cwd=cwd or tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout
         )
