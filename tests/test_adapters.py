@@ -350,3 +350,19 @@ def test_export_of_a_missing_adapter_fails_with_a_message(base_dir, tmp_path, ca
     )
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_export_merges_layer_by_layer_and_matches_the_cpu_export(trained, base_dir, tmp_path):
+    """Seen on an H100: extra peak GPU memory ~one layer; weights within 1 bf16 ulp of the CPU export."""
+    _, _, directory = trained
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    gpu = export_merged(base_dir, directory, tmp_path / "gpu", dtype="bf16", device="cuda")
+    assert torch.cuda.max_memory_allocated() - start < 2**20  # a layer of the tiny model, not the model
+    cpu = export_merged(base_dir, directory, tmp_path / "cpu", dtype="bf16", device="cpu")
+    a = transformers.AutoModelForCausalLM.from_pretrained(gpu).state_dict()
+    b = transformers.AutoModelForCausalLM.from_pretrained(cpu).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=2e-3, rtol=1e-2)
