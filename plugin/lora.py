@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from bitsandbytes.nn import Params4bit
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit, _parent, named_linears
+from .nf4 import Linear4bit, _parent, dequantize, named_linears
 
 
 @dataclass
@@ -73,6 +74,9 @@ class LoRAConfig:
         }
 
 
+_FUSED = True  # the one-function path below; False composes base and adapter with plain autograd
+
+
 class LoRALinear(nn.Module):
     """``base_layer(x) + dropout(x) @ A.T @ B.T * scaling`` with ``base_layer`` frozen.
 
@@ -105,12 +109,24 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        dtype = out.dtype
-        lora = self.lora_dropout(x).to(dtype) @ self.lora_A.weight.to(dtype).t()
-        return out + (lora @ self.lora_B.weight.to(dtype).t()) * self.scaling
+            return self.base_layer(x)
+        base = self.base_layer
+        if not _FUSED:
+            base = None
+        if isinstance(base, Linear4bit):
+            if not base.quantized:
+                base.quantize_()
+            weight = base.weight
+        elif type(base) is nn.Linear and not base.weight.requires_grad:
+            weight = base.weight
+        else:  # any other frozen layer: the plain composition
+            out = self.base_layer(x)
+            lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
+            return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
+        return _FrozenLinearWithLoRA.apply(
+            x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+        )
 
     def delta_weight(self) -> Tensor:
         """``B @ A * scaling`` in float32."""
@@ -118,6 +134,53 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def _materialize(weight: Tensor) -> Tensor:
+    return dequantize(weight) if isinstance(weight, Params4bit) else weight
+
+
+class _FrozenLinearWithLoRA(torch.autograd.Function):
+    """``x @ W.T + b + (xd @ A.T) @ B.T * s`` for a frozen (4-bit or 16-bit) ``W`` in one function.
+
+    The 4-bit weight is dequantized once in the forward and once in the backward and never saved;
+    what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
+    The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, xd: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+    ):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        w = _materialize(weight).to(dtype)
+        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+        a16, b16 = a.to(dtype), b.to(dtype)
+        xa = xd2 @ a16.t()
+        out.addmm_(xa, b16.t(), alpha=s)
+        ctx.weight, ctx.scaling, ctx.same_input = weight, s, xd is x
+        ctx.x_shape, ctx.xd_shape = x.shape, xd.shape
+        ctx.save_for_backward(xd2, xa, a16, b16)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        xd2, xa, a16, b16 = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_xa = g2 @ (b16 * s)
+        grad_a = (grad_xa.t() @ xd2).float() if ctx.needs_input_grad[4] else None
+        grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[5] else None
+        grad_x = grad_xd = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            if ctx.same_input:
+                grad_x = (g2 @ _materialize(ctx.weight).to(g2.dtype)).addmm_(grad_xa, a16).view(ctx.x_shape)
+            else:
+                grad_x = (g2 @ _materialize(ctx.weight).to(g2.dtype)).view(ctx.x_shape)
+                grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
+        return grad_x, grad_xd, None, None, grad_a, grad_b, None
 
 
 def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
@@ -200,6 +263,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     for name, layer in list(lora_layers(model).items()):
         base = layer.base_layer
+        if not _FUSED:
+            base = None
         if isinstance(base, Linear4bit):
             weight = base.dequantized_weight()
             dtype = base.compute_dtype

@@ -43,6 +43,7 @@ class ModelSchema:
     trust_remote_code: bool = False
     revision: str | None = None
     loss_chunk_size: int = 4096
+    compile: Any = "auto"  # true | false | auto (compile decoder blocks on CUDA)
 
 
 @dataclass
@@ -245,6 +246,7 @@ def build_module(cfg: DictConfig, tokenizer: Any) -> Any:
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
         loss_chunk_size=m.loss_chunk_size,
+        compile=m.compile,
     )
 
 

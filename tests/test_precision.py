@@ -343,12 +343,22 @@ def test_bad_lora_settings_are_refused(kwargs, message):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fit_quantizes_on_the_gpu_and_trains(llama_dir):
-    model = CausalLM(llama_dir)
+    seen = {}
+
+    class Where(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            weight = pl_module.model.model.layers[0].self_attn.q_proj.base_layer.weight
+            seen.update(
+                device=weight.device.type, state=weight.quant_state.absmax.device.type, q=weight.bnb_quantized
+            )
+
+    model = CausalLM(llama_dir, lr=1e-2)
     plugin = QLoRAPrecision(quant=QuantConfig(), lora=LoRAConfig(r=8))
-    trainer(plugins=[plugin], accelerator="cuda", max_steps=10).fit(model, token_loader())
-    weight = model.model.model.layers[0].self_attn.q_proj.base_layer.weight
-    assert weight.device.type == "cuda" and weight.bnb_quantized
-    assert model.losses[-1] < model.losses[0]
+    trainer(plugins=[plugin], accelerator="cuda", max_steps=16, callbacks=[Where()]).fit(
+        model, token_loader()
+    )
+    assert seen == {"device": "cuda", "state": "cuda", "q": True}
+    assert sum(model.losses[-3:]) < sum(model.losses[:3])
 
 
 @pytest.mark.gpu
@@ -374,8 +384,7 @@ def test_gpu_empty_init_never_holds_the_16bit_model_on_the_gpu():
     model.load_state_dict(state)
     peak = torch.cuda.max_memory_allocated() - base
     one_layer = hidden * hidden * 2
-    four_bit_total = sum(
-        m.weight.numel() * 4.2 / 8 * 2 for m in model.net
-    )  # packed bytes: numel is already / 2
+    bases = [m.base_layer for m in model.net]
+    four_bit_total = sum(b.weight.numel() * 4.2 / 8 * 2 for b in bases)  # numel of packed data is already / 2
     assert peak <= four_bit_total + 2 * one_layer, (peak, four_bit_total, one_layer)
-    assert all(m.weight.device.type == "cuda" and m.weight.bnb_quantized for m in model.net)
+    assert all(b.weight.device.type == "cuda" and b.weight.bnb_quantized for b in bases)

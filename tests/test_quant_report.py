@@ -16,6 +16,7 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+
 from lightning_qlora import quant_report as qr
 
 N = 1 << 18  # enough for MSE to 3 significant digits on N(0, 1)

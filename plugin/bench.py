@@ -1,0 +1,469 @@
+"""Side-by-side speed and memory: our plugin in a real Trainer against the PEFT + bitsandbytes stack.
+
+    python -m lightning_qlora.bench                      # 7B and 1B Llama architectures, every mode (GPU)
+    python -m lightning_qlora.bench --models 1b --modes ours,peft
+    python -m lightning_qlora.bench --cpu                # a tiny configuration; checks the harness only
+
+Every (model, mode) runs in a fresh process on the same saved random-initialised checkpoint, with
+the same LoRA (r=16, alpha=32, all linear layers, no dropout), sequence length, batch, gradient
+checkpointing and optimizer (AdamW, lr 1e-4). Reported: median tokens/s over the timed steps after
+warm-up, peak ``torch.cuda.max_memory_allocated`` while training, and time and peak memory to load
+and quantize the model.
+
+Modes:
+    ours      QLoRAPrecision (NF4 + double quant, bf16 compute) through ``L.Trainer``, decoder blocks
+              compiled as ``CausalLMModule`` does on CUDA (``QLORA_BENCH_NO_COMPILE=1`` turns that off)
+    ours16    the same plugin with ``quant=None`` (16-bit LoRA)
+    peft      transformers ``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` + PEFT LoRA,
+              run under bf16 autocast as the HF Trainer does with ``bf16=True`` (the reference)
+    peft_noac the same without autocast
+    peft16    PEFT LoRA on the bf16 model under autocast (16-bit LoRA, the reference's ceiling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS: dict[str, dict[str, Any]] = {
+    "7b": dict(
+        label="Llama-2-7B (4096 d, 32 layers, 32k vocab)",
+        config=dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+        ),
+        batch=2,
+        seq=2048,
+    ),
+    "1b": dict(
+        label="Llama-3.2-1B (2048 d, 16 layers, 128k vocab)",
+        config=dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+        ),
+        batch=4,
+        seq=2048,
+    ),
+    "tiny": dict(
+        label="tiny Llama (64 d, 2 layers, 256 vocab; CPU harness check)",
+        config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        ),
+        batch=2,
+        seq=64,
+    ),
+}
+MODES = ("ours", "ours16", "peft", "peft_noac", "peft16")
+LORA = dict(r=16, alpha=32)
+LR = 1e-4
+
+
+@dataclass
+class Result:
+    model: str
+    mode: str
+    tokens_per_step: int
+    tokens_per_s: float
+    step_s: float
+    peak_gib: float
+    load_s: float
+    load_peak_gib: float
+    loss_first: float
+    loss_last: float
+    error: str = ""
+
+
+def _gib(n: float) -> float:
+    return n / 2**30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def prepare_checkpoint(model: str, directory: Path, device: torch.device) -> None:
+    """A random-initialised model saved with ``save_pretrained``: every mode loads this same file."""
+    import transformers
+
+    if (directory / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**MODELS[model]["config"])
+    with torch.device(device):
+        lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    lm.save_pretrained(directory)
+
+
+def _batches(model: str, n: int, device: torch.device) -> list[torch.Tensor]:
+    spec = MODELS[model]
+    g = torch.Generator().manual_seed(0)
+    vocab = spec["config"]["vocab_size"]
+    return [torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device) for _ in range(n)]
+
+
+def run_ours(
+    model: str, directory: Path, device: torch.device, steps: int, warmup: int, quant: bool
+) -> Result:
+    import lightning as L
+    import transformers
+
+    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+    from lightning_qlora.loss import causal_lm_loss
+    from lightning_qlora.module import compile_blocks
+
+    compile_blocks_flag = not os.environ.get("QLORA_BENCH_NO_COMPILE")
+
+    if os.environ.get("QLORA_BENCH_UNFUSED"):
+        import lightning_qlora.lora
+
+        lightning_qlora.lora._FUSED = False
+    times: list[float] = []
+    losses: list[float] = []
+    load: dict[str, float] = {}
+    profile = bool(os.environ.get("QLORA_BENCH_PROFILE"))
+
+    class BenchLM(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = None
+
+        def configure_model(self) -> None:
+            if self.model is not None:
+                return
+            _reset_peak(device)
+            load["t0"] = time.perf_counter()
+            # Built on the host (memory-mapped safetensors); the plugin quantizes each layer as the
+            # Trainer moves it to the GPU, so the 16-bit model never sits on the GPU whole.
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.bfloat16, device_map="cpu", attn_implementation="sdpa"
+            )
+            self.model.config.use_cache = False
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()
+            if compile_blocks_flag:  # what CausalLMModule(compile="auto") does on CUDA
+                compile_blocks(self.model)
+
+        def on_fit_start(self) -> None:
+            _sync(device)
+            load["s"] = time.perf_counter() - load["t0"]
+            load["peak"] = _peak(device)
+            _reset_peak(device)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            hidden = self.model.model(input_ids=batch).last_hidden_state
+            loss = causal_lm_loss(hidden, self.model.lm_head.weight, batch)
+            losses.append(loss.detach())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+    class StepTimer(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if profile and trainer.global_step == warmup:
+                self.profiler = torch.profiler.profile(activities=_profiler_activities(device)).__enter__()
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            _sync(device)
+            times.append(time.perf_counter() - self.t0)
+            if profile and trainer.global_step == warmup + 1:
+                self.profiler.__exit__(None, None, None)
+                _print_profile(self.profiler, device)
+
+    precision = QLoRAPrecision(
+        quant=QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        if quant
+        else None,
+        lora=LoRAConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules="all-linear"),
+        compute_dtype=torch.bfloat16,
+    )
+    trainer = L.Trainer(
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        devices=1,
+        plugins=[precision],
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StepTimer()],
+    )
+    data = _batches(model, warmup + steps, torch.device("cpu"))
+    trainer.fit(BenchLM(), torch.utils.data.DataLoader(data, batch_size=None))
+    return _result(
+        model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device
+    )
+
+
+def _profiler_activities(device: torch.device) -> list:
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    return acts + [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else acts
+
+
+def _print_profile(prof: Any, device: torch.device) -> None:
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
+
+
+def run_peft(model: str, directory: Path, device: torch.device, steps: int, warmup: int, mode: str) -> Result:
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = dict(
+        dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": device.index or 0}
+    )
+    if device.type != "cuda":
+        kwargs["device_map"] = "cpu"
+    if mode in ("peft", "peft_noac"):
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    lm = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    if mode in ("peft", "peft_noac"):
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=True)
+    else:
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+    lm.config.use_cache = False
+    lm = get_peft_model(
+        lm,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    lm.train()
+    _sync(device)
+    load = {"s": time.perf_counter() - t0, "peak": _peak(device)}
+    _reset_peak(device)
+    optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=LR)
+    autocast = mode in ("peft", "peft16")
+    times, losses = [], []
+    for batch in _batches(model, warmup + steps, device):
+        _sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = lm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return _result(model, mode, times[warmup:], losses, load, device)
+
+
+def _result(model, mode, times, losses, load, device) -> Result:
+    spec = MODELS[model]
+    tokens = spec["batch"] * spec["seq"]
+    step = statistics.median(times)
+    return Result(
+        model=model,
+        mode=mode,
+        tokens_per_step=tokens,
+        tokens_per_s=tokens / step,
+        step_s=step,
+        peak_gib=_gib(_peak(device)),
+        load_s=load.get("s", float("nan")),
+        load_peak_gib=_gib(load.get("peak", 0)),
+        loss_first=losses[0],
+        loss_last=losses[-1],
+    )
+
+
+def worker(args: argparse.Namespace) -> None:
+    device = torch.device("cuda", 0) if not args.cpu else torch.device("cpu")
+    directory = Path(args.checkpoint)
+    if args.mode in ("ours", "ours16"):
+        result = run_ours(args.models, directory, device, args.steps, args.warmup, quant=args.mode == "ours")
+    else:
+        result = run_peft(args.models, directory, device, args.steps, args.warmup, args.mode)
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def _versions() -> str:
+    import importlib.metadata as md
+
+    names = ["torch", "lightning", "transformers", "peft", "bitsandbytes"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            found.append(f"{name} -")
+    return ", ".join(found)
+
+
+def table(results: list[Result]) -> str:
+    rows = [
+        "| model | mode | tokens/step | tokens/s | vs peft | step s | peak GiB | vs peft | load s | load peak GiB | loss first→last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = next((x for x in results if x.model == r.model and x.mode == "peft" and not x.error), None)
+        if r.error:
+            rows.append(f"| {r.model} | {r.mode} | | failed: {r.error} | | | | | | | |")
+            continue
+        speed = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref else ""
+        mem = f"{r.peak_gib / ref.peak_gib:.2f}x" if ref and ref.peak_gib else ""
+        rows.append(
+            f"| {r.model} | {r.mode} | {r.tokens_per_step} | {r.tokens_per_s:,.0f} | {speed} | {r.step_s:.3f} | "
+            f"{r.peak_gib:.2f} | {mem} | {r.load_s:.1f} | {r.load_peak_gib:.2f} | {r.loss_first:.3f}→{r.loss_last:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="7b,1b", help="comma-separated: 7b, 1b, tiny")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {MODES}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--cpu", action="store_true", help="tiny model on CPU: checks the harness, numbers mean nothing"
+    )
+    parser.add_argument(
+        "--cache", default=None, help="where the random checkpoints are saved (default: a temp dir)"
+    )
+    parser.add_argument("--report", default=None, help="append the table to this markdown file")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode:
+        return worker(args)
+    if args.cpu:
+        args.models = "tiny"
+        if args.modes == ",".join(MODES):
+            args.modes = "ours,ours16,peft16"  # bitsandbytes' PEFT path needs CUDA in transformers
+    elif not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU, or pass --cpu for the harness check")
+    models = args.models.split(",")
+    modes = args.modes.split(",")
+    for name in models:
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {MODES}")
+
+    cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="qlora-bench-"))
+    device = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
+    results: list[Result] = []
+    for name in models:
+        directory = cache / name
+        started = time.perf_counter()
+        prepare_checkpoint(name, directory, device)
+        print(
+            f"[bench] {name}: checkpoint ready in {time.perf_counter() - started:.0f}s at {directory}",
+            flush=True,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for mode in modes:
+            cmd = [
+                sys.executable,
+                "-m",
+                "lightning_qlora.bench",
+                "--mode",
+                mode,
+                "--models",
+                name,
+                "--checkpoint",
+                str(directory),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            if args.cpu:
+                cmd.append("--cpu")
+            started = time.perf_counter()
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            )
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                print(f"[bench] {name}/{mode} FAILED:\n" + "\n".join(tail), flush=True)
+                results.append(Result(name, mode, 0, 0, 0, 0, 0, 0, 0, 0, error=" ".join(tail)[-200:]))
+                continue
+            result = Result(**json.loads(line[len("RESULT ") :]))
+            results.append(result)
+            print(
+                f"[bench] {name}/{mode}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_gib:.2f} GiB, "
+                f"load {result.load_s:.0f}s / {result.load_peak_gib:.2f} GiB ({time.perf_counter() - started:.0f}s)",
+                flush=True,
+            )
+
+    card = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
+    header = (
+        f"card: {card}; {_versions()}; python {platform.python_version()}\n"
+        f"command: python -m lightning_qlora.bench {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    )
+    text = header + "\n" + table(results) + "\n"
+    print("\n" + text)
+    if args.report:
+        with open(args.report, "a") as fh:
+            fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n{text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    if any(r.error for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
