@@ -15,7 +15,7 @@ help: ## show this help
 # on a machine that already has a CUDA torch in $(VENV), it is left alone.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	-$(PY) -m pip install -q --upgrade pip  # best effort: an old pip still installs everything below
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)

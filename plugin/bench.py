@@ -11,9 +11,9 @@ warm-up, peak ``torch.cuda.max_memory_allocated`` while training, and time and p
 and quantize the model.
 
 Modes:
-    ours      QLoRAPrecision (NF4 + double quant, bf16 compute) through ``L.Trainer``, decoder blocks
-              compiled as ``CausalLMModule`` does on CUDA (``QLORA_BENCH_NO_COMPILE=1`` turns that off)
-    ours16    the same plugin with ``quant=None`` (16-bit LoRA)
+    ours      QLoRAPrecision (NF4 + double quant, bf16 compute) through ``L.Trainer``, eager
+    ours16    the same plugin with ``quant=None`` (16-bit LoRA), decoder blocks compiled
+              (both as ``CausalLMModule(compile="auto")`` on CUDA; ``QLORA_BENCH_COMPILE=0|1`` overrides)
     peft      transformers ``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` + PEFT LoRA,
               run under bf16 autocast as the HF Trainer does with ``bf16=True`` (the reference)
     peft_noac the same without autocast
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -152,7 +153,8 @@ def run_ours(
     from lightning_qlora.loss import causal_lm_loss
     from lightning_qlora.module import compile_blocks
 
-    compile_blocks_flag = not os.environ.get("QLORA_BENCH_NO_COMPILE")
+    # What CausalLMModule(compile="auto") does on CUDA: compile 16-bit LoRA, keep QLoRA eager.
+    compile_blocks_flag = {"1": True, "0": False}.get(os.environ.get("QLORA_BENCH_COMPILE", ""), not quant)
 
     if os.environ.get("QLORA_BENCH_UNFUSED"):
         import lightning_qlora.lora
@@ -181,7 +183,7 @@ def run_ours(
             self.model.config.use_cache = False
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.train()
-            if compile_blocks_flag:  # what CausalLMModule(compile="auto") does on CUDA
+            if compile_blocks_flag:
                 compile_blocks(self.model)
 
         def on_fit_start(self) -> None:
@@ -305,6 +307,10 @@ def run_peft(model: str, directory: Path, device: torch.device, steps: int, warm
 
 
 def _result(model, mode, times, losses, load, device) -> Result:
+    if not all(math.isfinite(x) for x in losses):
+        raise FloatingPointError(
+            f"{model}/{mode}: non-finite loss {losses}: a fast but wrong run is no result"
+        )
     spec = MODELS[model]
     tokens = spec["batch"] * spec["seq"]
     step = statistics.median(times)

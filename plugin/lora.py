@@ -109,19 +109,26 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(x)
+        if isinstance(self.base_layer, Linear4bit):
+            # The whole layer is opaque to torch.compile: traced, bitsandbytes' Params4bit (a tensor
+            # subclass carrying per-layer state) gave NaN losses, and passed through a graph break it
+            # made compiled blocks slower than eager (H100, torch 2.11, BENCHMARKS.md). Compiled code
+            # still fuses the norms, activations and rotary embeddings between the layers.
+            return _lora_4bit_forward(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
-        if not _FUSED:
-            base = None
-        if isinstance(base, Linear4bit):
+        if self.merged:
+            return base(x)
+        if isinstance(base, Linear4bit) and _FUSED:
             if not base.quantized:
                 base.quantize_()
             weight = base.weight
-        elif type(base) is nn.Linear and not base.weight.requires_grad:
+        elif type(base) is nn.Linear and not base.weight.requires_grad and _FUSED:
             weight = base.weight
         else:  # any other frozen layer: the plain composition
-            out = self.base_layer(x)
+            out = base(x)
             lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
         return _FrozenLinearWithLoRA.apply(
@@ -181,6 +188,11 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
                 grad_x = (g2 @ _materialize(ctx.weight).to(g2.dtype)).view(ctx.x_shape)
                 grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
         return grad_x, grad_xd, None, None, grad_a, grad_b, None
+
+
+@torch.compiler.disable
+def _lora_4bit_forward(layer: LoRALinear, x: Tensor) -> Tensor:
+    return layer._forward(x)
 
 
 def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nf4 import Linear4bit
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "paged_adamw8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 IGNORE_INDEX = -100
@@ -77,9 +79,10 @@ class CausalLMModule(L.LightningModule):
         revision: hub revision.
         loss_chunk_size: tokens per chunk of the output head + cross-entropy, so the fp32 logits of the
             whole batch never exist at once (0 = one chunk).
-        compile: ``torch.compile`` each decoder block (fuses norms, activations, rotary and the adapter
-            arithmetic around the 4-bit matmuls); ``"auto"`` compiles on CUDA only, where it measured
-            1.4x faster on the 7B benchmark (see BENCHMARKS.md).
+        compile: ``torch.compile`` each decoder block. ``"auto"`` compiles on CUDA when the model has no
+            4-bit layers (16-bit LoRA: 1.6x faster on the 7B benchmark); 4-bit layers stay out of
+            compiled graphs, and the graph breaks around them made compiled blocks slower than eager
+            (7B: 6,915 vs 7,756 tokens/s; BENCHMARKS.md), so QLoRA runs eager unless ``compile=true``.
     """
 
     def __init__(
@@ -150,9 +153,16 @@ class CausalLMModule(L.LightningModule):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
         model.train()  # from_pretrained returns eval mode (dropout off); Lightning toggles modes itself
-        if hp.compile is True or (hp.compile == "auto" and torch.get_default_device().type == "cuda"):
-            compile_blocks(model)
         self.model = model
+
+    def on_fit_start(self) -> None:
+        # Decided here, after QLoRAPrecision converted the model: only then is it known to be 4-bit.
+        hp = self.hparams
+        four_bit = any(isinstance(m, Linear4bit) for m in self.model.modules())
+        wanted = hp.compile is True or (hp.compile == "auto" and self.device.type == "cuda" and not four_bit)
+        if wanted and not getattr(self.model, "_blocks_compiled", False):
+            compile_blocks(self.model)
+            self.model._blocks_compiled = True
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

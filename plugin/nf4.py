@@ -187,6 +187,7 @@ class Linear4bit(nn.Module):
             self.weight = self.weight._quantize(device)
         return self
 
+    @torch.compiler.disable  # see LoRALinear.forward: Params4bit stays out of compiled graphs
     def forward(self, x: Tensor) -> Tensor:
         if not self.quantized:
             # Converted but never moved to a device (a plain module outside a Trainer).
