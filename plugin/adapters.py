@@ -92,14 +92,7 @@ def _infer_quant(root: nn.Module) -> QuantConfig | None:
         return None
     first = quantized[0]
     skipped = [n for n, m in named_linears(root) if not isinstance(m, Linear4bit)]
-    return QuantConfig(
-        quant_type=first.quant_type,
-        double_quant=first.double_quant,
-        blocksize=first.blocksize,
-        compute_dtype=first.compute_dtype,
-        quant_storage=first.weight.quant_storage,
-        skip_modules=tuple(skipped),
-    )
+    return first.quant_config(skip_modules=tuple(skipped))
 
 
 def save_adapter(

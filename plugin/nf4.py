@@ -164,14 +164,15 @@ class Linear4bit(nn.Module):
         layer.target_device = getattr(linear, "target_device", linear.weight.device)
         return layer
 
-    def _config(self) -> QuantConfig:
+    def quant_config(self, skip_modules: tuple[str, ...] = ()) -> QuantConfig:
+        """The settings this layer was quantized with."""
         return QuantConfig(
             quant_type=self.quant_type,
             double_quant=self.double_quant,
             blocksize=self.blocksize,
             compute_dtype=self.compute_dtype,
             quant_storage=self.weight.quant_storage,
-            skip_modules=(),
+            skip_modules=skip_modules,
         )
 
     @property
@@ -225,7 +226,7 @@ class Linear4bit(nn.Module):
                 device = self.weight.device
                 if device.type == "meta":  # built empty: quantize where the model is meant to live
                     device = getattr(self, "target_device", device)
-                self.weight = _params4bit(incoming, self._config())
+                self.weight = _params4bit(incoming, self.quant_config())
                 if device.type != "meta":
                     self.quantize_(device)
             if self.bias is not None and prefix + "bias" in state_dict:

@@ -52,9 +52,8 @@ class QLoRAPrecision(Precision):
                 f"compute_dtype={self.dtype} differs from quant.compute_dtype={self.quant.compute_dtype}; set one"
             )
         self._init_depth = 0
-        self.precision = (
-            f"{'nf4' if self.quant is None else self.quant.quant_type}-lora-{dtype_name(self.dtype)}"
-        )
+        base = "16bit" if self.quant is None else self.quant.quant_type
+        self.precision = f"{base}-lora-{dtype_name(self.dtype)}"  # e.g. "nf4-lora-bfloat16"
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Quantizes, then adds adapters, then freezes all but the adapters. Idempotent."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny import save_tiny_llama
 from torch.utils.data import DataLoader
 
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
@@ -25,7 +26,6 @@ from lightning_qlora.adapters import (
     save_adapter,
 )
 from lightning_qlora.lora import lora_layers
-from lightning_qlora.tokenizer import build_byte_tokenizer
 
 VOCAB = 272  # the byte tokenizer's 262 ids fit
 # float32 compute everywhere logits are compared tightly: the only difference left is the arithmetic order.
@@ -42,18 +42,7 @@ BNB = dict(
 def base_dir(tmp_path_factory) -> str:
     """A tiny random Llama + byte tokenizer, saved with save_pretrained."""
     path = tmp_path_factory.mktemp("base")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    build_byte_tokenizer().save_pretrained(path)
+    save_tiny_llama(path, tokenizer=True, vocab_size=VOCAB, max_position_embeddings=64)
     return str(path)
 
 

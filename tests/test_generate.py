@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+from tiny import save_tiny_llama
 
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.adapters import export_merged, save_adapter
@@ -20,18 +21,7 @@ VOCAB = 272
 def setup(tmp_path_factory):
     """A tiny Llama + byte tokenizer on disk, a converted model with a trained adapter, and that adapter."""
     base = tmp_path_factory.mktemp("base")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(base)
-    build_byte_tokenizer().save_pretrained(base)
+    save_tiny_llama(base, tokenizer=True, vocab_size=VOCAB)
     model = transformers.AutoModelForCausalLM.from_pretrained(base)
     plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype=torch.float32), lora=LoRAConfig(r=4))
     plugin.convert_module(model)

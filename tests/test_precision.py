@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 import transformers
+from tiny import save_tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -19,24 +20,11 @@ VOCAB = 96
 FP32 = QuantConfig(compute_dtype=torch.float32, blocksize=32)
 
 
-def tiny_llama_config() -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> str:
     """A tiny random Llama saved with save_pretrained: the real loading path for every test."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(path)
+    save_tiny_llama(path, vocab_size=VOCAB, max_position_embeddings=64)
     return str(path)
 
 
@@ -164,6 +152,7 @@ def test_sixteen_bit_lora_is_the_same_plugin_without_quantization(llama_dir):
     q_proj = model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj.base_layer) is nn.Linear and not q_proj.base_layer.weight.requires_grad
     assert not any(isinstance(p, bnb.nn.Params4bit) for p in model.parameters())
+    assert plugin.precision == "16bit-lora-float32" and QLoRAPrecision().precision == "nf4-lora-bfloat16"
     assert model.losses[-1] < model.losses[0]
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from tiny import tiny_llama_config
+from transformers import AutoModelForCausalLM
 
 from lightning_qlora import quant_report as qr
 
@@ -161,19 +163,8 @@ def test_evaluate_weights_sums_layers_into_totals_and_filters_a_state_dict():
 
 
 def _save_tiny_llama(path, **kw):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(vocab_size=128, tie_word_embeddings=False))
     model.save_pretrained(path, **kw)
     return model
 
