@@ -1083,6 +1083,39 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def linear_weights_from_recipe(
+    recipe: str, overrides: Sequence[str] = (), include_embeddings: bool = False
+) -> tuple[Iterator[tuple[str, torch.Tensor]], str]:
+    """The linear weights of the model a training recipe would fine-tune, and its name.
+
+    A local ``model.name_or_path`` is read from its safetensors; ``model.from_config`` (the embedded
+    default) is built with the recipe's seed and tokenizer, exactly as ``lightning-qlora`` builds it.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from . import train as T
+
+    T.register_configs()
+    try:
+        with initialize_config_module(T.RECIPES_MODULE, version_base="1.3"):
+            cfg = compose(recipe, list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"--recipe {recipe}: {T.describe_config_error(err, recipe)}") from None
+    if cfg.model.from_config is None:
+        path = str(cfg.model.name_or_path)
+        if not Path(path).expanduser().is_dir():
+            raise ValueError(
+                f"recipe {recipe!r} fine-tunes {path!r}, which is not a local directory; download it and pass "
+                "--model <dir> (this report reads weights from disk, not from the hub)"
+            )
+        return linear_weights_from_checkpoint(path, include_embeddings), f"{recipe}: {path}"
+    module = T.build_module(cfg, T.build_tokenizer(cfg))
+    module.configure_model()
+    return linear_weights_from_module(module.model, include_embeddings), f"{recipe}: {module.model_name}"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lightning-qlora-quant-report",
@@ -1095,6 +1128,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--config", help="transformers config.json (or its directory): random weights, offline")
     src.add_argument("--random-llama", action="store_true", help="a tiny random Llama (offline)")
+    src.add_argument(
+        "--recipe",
+        help="a training recipe's model (e.g. default: the embedded one, offline); overrides after --",
+    )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for --recipe, e.g. model.name_or_path=/m")
     p.add_argument(
         "--blocksizes",
         type=_int_list,
@@ -1145,6 +1183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.model:
             weights = linear_weights_from_checkpoint(args.model, args.include_embeddings)
             name = str(args.model)
+        elif args.recipe:
+            weights, name = linear_weights_from_recipe(args.recipe, args.overrides, args.include_embeddings)
         elif args.config or args.random_llama:
             model = model_from_config(args.config, seed=args.seed)
             weights = linear_weights_from_module(model, args.include_embeddings)

@@ -284,3 +284,14 @@ def test_config_builds_a_random_model_offline_and_max_tensors_limits_it(tmp_path
         "model.layers.0.self_attn.k_proj.weight",
         "model.layers.0.self_attn.v_proj.weight",
     ]
+
+
+def test_recipe_model_is_reported_offline_and_a_hub_recipe_asks_for_a_local_copy(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--recipe", "default", "--blocksizes", "64", "--formats", "nf4", "--samples", "4096"]
+    assert qr.main([*argv, "--max-tensors", "2", "--out", str(out), "--quiet"]) == 0
+    rows = [r for r in csv.DictReader((out / "report.csv").open()) if r["source"] != "normal"]
+    assert rows and all(r["tensor"] == "(total)" or r["tensor"].startswith("model.layers.0.") for r in rows)
+    with pytest.raises(SystemExit):
+        qr.main(["--recipe", "llama2_7b_alpaca", "--out", str(out)])
+    assert "'meta-llama/Llama-2-7b-hf', which is not a local directory" in capsys.readouterr().err
