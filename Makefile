@@ -38,7 +38,7 @@ bench: $(STAMP) ## GPU benchmark: ours vs PEFT + bitsandbytes, side by side (ARG
 bench-cpu: $(STAMP) ## the benchmark's tiny CPU configuration (figures mean nothing)
 	$(PY) -m lightning_qlora.bench --cpu $(ARGS)
 
-quant-report: $(STAMP) ## NF4/FP4/int4 quantization error report (ARGS="--model path/or/recipe")
+quant-report: $(STAMP) ## NF4/FP4/int4 quantization error report (ARGS="--model DIR" or "--recipe default")
 	$(VENV)/bin/lightning-qlora-quant-report $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import lightning as L
@@ -377,3 +380,16 @@ def test_gpu_empty_init_never_holds_the_16bit_model_on_the_gpu():
     four_bit_total = sum(b.weight.numel() * 4.2 / 8 * 2 for b in bases)  # numel of packed data is already / 2
     assert peak <= four_bit_total + 2 * one_layer, (peak, four_bit_total, one_layer)
     assert all(b.weight.device.type == "cuda" and b.weight.bnb_quantized for b in bases)
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_keeps_the_adapters_of_both_ranks_identical(llama_dir):
+    worker = Path(__file__).with_name("ddp_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), llama_dir], capture_output=True, text=True, timeout=300
+    )
+    sums = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert set(sums) == {"0", "1"}, proc.stderr[-2000:]
+    assert sums["0"] == sums["1"] and float(sums["0"]) > 0, (
+        "gradients were all-reduced and the adapters trained"
+    )
