@@ -9,7 +9,9 @@ import transformers
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 
 
-class LM(L.LightningModule):
+class ConfigureModelLM(L.LightningModule):
+    """An HF model built in ``configure_model``, the way Lightning builds large models."""
+
     def __init__(self, path):
         super().__init__()
         self.path, self.model = path, None
@@ -40,7 +42,7 @@ if __name__ == "__main__":
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = LM(sys.argv[1])
+    model = ConfigureModelLM(sys.argv[1])
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     adapters = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".lora_B." in n])
     print(f"RANK {trainer.global_rank} {adapters.abs().sum().item():.6f}", flush=True)

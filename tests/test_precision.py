@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import transformers
+from ddp_worker import ConfigureModelLM
 from tiny import save_tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
@@ -260,23 +261,6 @@ def test_init_module_without_empty_init_keeps_16bit_weights_off_the_accelerator(
     layer = model.net[0].base_layer
     assert isinstance(layer, Linear4bit) and not layer.quantized
     assert layer.weight.device.type == "cpu" and layer.weight.abs().sum() > 0  # initialised, staged on host
-
-
-class ConfigureModelLM(L.LightningModule):
-    def __init__(self, path):
-        super().__init__()
-        self.path = path
-        self.model = None
-
-    def configure_model(self):
-        if self.model is None:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path)
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 def test_configure_model_is_converted(llama_dir):
