@@ -1,32 +1,41 @@
 """lightning-qlora: QLoRA fine-tuning as a drop-in PyTorch Lightning precision plugin."""
 
-from .adapters import AdapterCheckpoint, export_merged, load_adapter, load_model, merge_adapter, save_adapter
-from .callbacks import GradNormMonitor, MemoryMonitor, RunSummary
-from .data import InstructDataModule
-from .generate import generate
-from .lora import LoRAConfig, LoRALinear, merge_lora
-from .module import CausalLMModule
-from .nf4 import Linear4bit, QuantConfig
-from .precision import QLoRAPrecision
+import importlib
+import logging
+from typing import Any
 
-__all__ = [
-    "AdapterCheckpoint",
-    "CausalLMModule",
-    "GradNormMonitor",
-    "InstructDataModule",
-    "Linear4bit",
-    "LoRAConfig",
-    "LoRALinear",
-    "MemoryMonitor",
-    "QLoRAPrecision",
-    "QuantConfig",
-    "RunSummary",
-    "export_merged",
-    "generate",
-    "load_adapter",
-    "load_model",
-    "merge_adapter",
-    "merge_lora",
-    "save_adapter",
-]
+# bitsandbytes' CPU backend logs at import that an optional hub kernel is missing; nothing here uses it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage()
+)
+
+from .lora import LoRAConfig, LoRALinear, merge_lora  # noqa: E402
+from .nf4 import Linear4bit, QuantConfig  # noqa: E402
+from .precision import QLoRAPrecision  # noqa: E402
+
+# The rest of the API pulls in transformers/datasets/wandb: imported on first use, so that the plugin
+# alone (`from lightning_qlora import QLoRAPrecision`) stays a light import.
+_LAZY = {
+    "AdapterCheckpoint": "adapters",
+    "export_merged": "adapters",
+    "load_adapter": "adapters",
+    "load_model": "adapters",
+    "merge_adapter": "adapters",
+    "save_adapter": "adapters",
+    "GradNormMonitor": "callbacks",
+    "MemoryMonitor": "callbacks",
+    "RunSummary": "callbacks",
+    "InstructDataModule": "data",
+    "generate": "generate",
+    "CausalLMModule": "module",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LoRAConfig", "LoRALinear", "Linear4bit", "QLoRAPrecision", "QuantConfig", "merge_lora", *_LAZY]
 __version__ = "0.1.0"
