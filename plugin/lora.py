@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from bitsandbytes.nn import Params4bit
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit, _parent, dequantize, named_linears
+from .nf4 import Linear4bit, _parent, named_linears, weight_value
 
 
 @dataclass
@@ -109,30 +108,26 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.base_layer, Linear4bit):
-            # The whole layer is opaque to torch.compile: traced, bitsandbytes' Params4bit (a tensor
-            # subclass carrying per-layer state) gave NaN losses, and passed through a graph break it
-            # made compiled blocks slower than eager (H100, torch 2.11, BENCHMARKS.md). Compiled code
-            # still fuses the norms, activations and rotary embeddings between the layers.
-            return _lora_4bit_forward(self, x)
-        return self._forward(x)
-
-    def _forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
         if self.merged:
             return base(x)
         if isinstance(base, Linear4bit) and _FUSED:
-            if not base.quantized:
-                base.quantize_()
-            weight = base.weight
+            spec, weight = base.frozen_weight()
         elif type(base) is nn.Linear and not base.weight.requires_grad and _FUSED:
-            weight = base.weight
+            spec, weight = None, (base.weight,)
         else:  # any other frozen layer: the plain composition
             out = base(x)
             lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
         return _FrozenLinearWithLoRA.apply(
-            x, self.lora_dropout(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling
+            x,
+            self.lora_dropout(x),
+            base.bias,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            spec,
+            *weight,
         )
 
     def delta_weight(self) -> Tensor:
@@ -141,10 +136,6 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
-
-
-def _materialize(weight: Tensor) -> Tensor:
-    return dequantize(weight) if isinstance(weight, Params4bit) else weight
 
 
 class _FrozenLinearWithLoRA(torch.autograd.Function):
@@ -157,42 +148,52 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, xd: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+        ctx: Any,
+        x: Tensor,
+        xd: Tensor,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        s: float,
+        spec: tuple | None,
+        *weight: Tensor,
     ):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
-        w = _materialize(weight).to(dtype)
+        w = weight_value(spec, weight).to(dtype)
         out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         a16, b16 = a.to(dtype), b.to(dtype)
         xa = xd2 @ a16.t()
         out.addmm_(xa, b16.t(), alpha=s)
-        ctx.weight, ctx.scaling, ctx.same_input = weight, s, xd is x
+        ctx.scaling, ctx.same_input, ctx.spec = s, xd is x, spec
         ctx.x_shape, ctx.xd_shape = x.shape, xd.shape
-        ctx.save_for_backward(xd2, xa, a16, b16)
+        if spec is None:  # eager: a Params4bit or a dense frozen weight, referenced, never copied
+            ctx.weight = weight[0]
+            ctx.save_for_backward(xd2, xa, a16, b16)
+        else:  # inside torch.compile: plain tensors, saved the ordinary way
+            ctx.save_for_backward(xd2, xa, a16, b16, *weight)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        xd2, xa, a16, b16 = ctx.saved_tensors
+        xd2, xa, a16, b16, *packed = ctx.saved_tensors
+        weight = (ctx.weight,) if ctx.spec is None else tuple(packed)
         s = ctx.scaling
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_xa = g2 @ (b16 * s)
-        grad_a = (grad_xa.t() @ xd2).float() if ctx.needs_input_grad[4] else None
-        grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[5] else None
+        grad_a = (grad_xa.t() @ xd2).float() if ctx.needs_input_grad[3] else None
+        grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[4] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             if ctx.same_input:
-                grad_x = (g2 @ _materialize(ctx.weight).to(g2.dtype)).addmm_(grad_xa, a16).view(ctx.x_shape)
+                grad_x = (
+                    (g2 @ weight_value(ctx.spec, weight).to(g2.dtype)).addmm_(grad_xa, a16).view(ctx.x_shape)
+                )
             else:
-                grad_x = (g2 @ _materialize(ctx.weight).to(g2.dtype)).view(ctx.x_shape)
+                grad_x = (g2 @ weight_value(ctx.spec, weight).to(g2.dtype)).view(ctx.x_shape)
                 grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
-        return grad_x, grad_xd, None, None, grad_a, grad_b, None
-
-
-@torch.compiler.disable
-def _lora_4bit_forward(layer: LoRALinear, x: Tensor) -> Tensor:
-    return layer._forward(x)
+        return (grad_x, grad_xd, None, grad_a, grad_b, None, None, *([None] * len(weight)))
 
 
 def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:

@@ -80,9 +80,10 @@ class CausalLMModule(L.LightningModule):
         loss_chunk_size: tokens per chunk of the output head + cross-entropy, so the fp32 logits of the
             whole batch never exist at once (0 = one chunk).
         compile: ``torch.compile`` each decoder block. ``"auto"`` compiles on CUDA when the model has no
-            4-bit layers (16-bit LoRA: 1.6x faster on the 7B benchmark); 4-bit layers stay out of
-            compiled graphs, and the graph breaks around them made compiled blocks slower than eager
-            (7B: 6,915 vs 7,756 tokens/s; BENCHMARKS.md), so QLoRA runs eager unless ``compile=true``.
+            4-bit layers (16-bit LoRA: 1.4x faster on the 7B benchmark). QLoRA runs eager unless
+            ``compile=true``: the compiled 4-bit versions measured so far were wrong (NaN) or slower
+            than eager (BENCHMARKS.md); the plain-tensor path that compile now traces through 4-bit
+            layers matches eager on CPU (tests/test_compile.py) but is not yet measured on a GPU.
     """
 
     def __init__(

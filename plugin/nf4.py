@@ -110,19 +110,63 @@ class _DequantizeMatmul(torch.autograd.Function):
     The base weight gets no gradient, so the backward needs neither ``x`` nor the dequantized
     weight: it dequantizes once more and returns ``grad @ W``. Saving nothing keeps activation
     memory at what a frozen 16-bit layer would cost.
+
+    ``weight`` is ``(Params4bit,)`` with ``spec=None`` (eager), or the plain tensors of
+    :func:`packed_weight` with their ``spec`` (inside ``torch.compile``, which must not see Params4bit).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: bnb.nn.Params4bit) -> Tensor:
-        ctx.weight = weight
-        return x @ dequantize(weight).to(x.dtype).t()
+    def forward(ctx: Any, x: Tensor, spec: tuple | None, *weight: Tensor) -> Tensor:
+        ctx.spec = spec
+        if spec is None:
+            ctx.weight = weight[0]
+        else:
+            ctx.save_for_backward(*weight)
+        return x @ weight_value(spec, weight).to(x.dtype).t()
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        weight = ctx.weight
-        return grad_output @ dequantize(weight).to(grad_output.dtype), None
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        weight = (ctx.weight,) if ctx.spec is None else ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = grad_output @ weight_value(ctx.spec, weight).to(grad_output.dtype)
+        return (grad, None, *([None] * len(weight)))
+
+
+def packed_weight(weight: bnb.nn.Params4bit) -> tuple[tuple, tuple[Tensor, ...]]:
+    """A quantized weight as plain tensors plus a tuple of constants, for :func:`dequantize_packed`.
+
+    The tensors are the ones the ``QuantState`` holds (no copies).
+    """
+    qs = weight.quant_state
+    tensors: tuple[Tensor, ...] = (weight.data, qs.absmax)
+    nested = (0, None)
+    if qs.nested:
+        tensors += (qs.state2.absmax, qs.state2.code, qs.offset)
+        nested = (qs.state2.blocksize, qs.state2.dtype)
+    return (qs.blocksize, qs.quant_type, tuple(qs.shape), qs.dtype, *nested), tensors
+
+
+def dequantize_packed(spec: tuple, tensors: tuple[Tensor, ...]) -> Tensor:
+    """What :func:`dequantize` computes, through bitsandbytes' registered ops on plain tensors."""
+    blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype = spec
+    packed, absmax = tensors[:2]
+    if len(tensors) > 2:
+        nested_absmax, nested_code, offset = tensors[2:]
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax, nested_absmax, nested_code, nested_blocksize, nested_dtype
+        )
+        absmax = (absmax + offset).float()
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        packed, absmax, blocksize, quant_type, list(shape), dtype
+    )
+
+
+def weight_value(spec: tuple | None, weight: tuple[Tensor, ...]) -> Tensor:
+    """The 16-bit value of a frozen weight: a dense tensor, a ``Params4bit``, or packed tensors."""
+    if spec is not None:
+        return dequantize_packed(spec, weight)
+    return dequantize(weight[0]) if isinstance(weight[0], bnb.nn.Params4bit) else weight[0]
 
 
 def dequantize(weight: bnb.nn.Params4bit) -> Tensor:
@@ -157,6 +201,7 @@ class Linear4bit(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(config.compute_dtype))
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        self._refresh_packed()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> Linear4bit:
@@ -186,16 +231,38 @@ class Linear4bit(nn.Module):
             if device.type == "meta":
                 raise RuntimeError("cannot quantize a weight on the meta device: load its values first")
             self.weight = self.weight._quantize(device)
+            self._refresh_packed()
         return self
 
-    @torch.compiler.disable  # see LoRALinear.forward: Params4bit stays out of compiled graphs
     def forward(self, x: Tensor) -> Tensor:
+        spec, weight = self.frozen_weight()
+        out = _DequantizeMatmul.apply(x, spec, *weight)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def frozen_weight(self) -> tuple[tuple | None, tuple[Tensor, ...]]:
+        """``(spec, tensors)`` for the matmul functions: the Params4bit in eager mode, plain tensors when compiling.
+
+        Traced by torch.compile, bitsandbytes' Params4bit (a Parameter subclass whose QuantState rides
+        along as a Python attribute) gave NaN losses on CUDA (BENCHMARKS.md, run D).
+        """
+        if torch.compiler.is_compiling():
+            if self._packed is None:
+                raise RuntimeError("quantize the model (move it to its device) before compiling it")
+            return self._packed
         if not self.quantized:
             # Converted but never moved to a device (a plain module outside a Trainer).
             self.quantize_()
-        out = _DequantizeMatmul.apply(x, self.weight)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        return None, (self.weight,)
+
+    def _refresh_packed(self) -> None:
+        self._packed = packed_weight(self.weight) if self.quantized else None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        # A device move quantizes (or moves) the weight: the plain-tensor view must follow it.
+        out = super()._apply(fn, recurse)
+        self._refresh_packed()
         return out
 
     def dequantized_weight(self) -> Tensor:
