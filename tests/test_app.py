@@ -187,3 +187,34 @@ def test_bad_input_stops_before_training_and_leaves_no_run_dir(
     assert expected in err, err
     assert len([line for line in err.splitlines() if line.startswith("lightning-qlora: error:")]) == 1
     assert not run_dir.exists()
+
+
+def test_a_run_resumes_from_its_checkpoint_with_ckpt_path(compose, tmp_path, wandb_offline):
+    """The application builds the model in configure_model, so the plugin converts it before Lightning
+    restores the checkpoint: the adapters, optimizer and step count come back."""
+    import torch
+
+    first = compose(
+        "default", [*micro_overrides(output_dir=tmp_path / "a"), "logger=csv", "sample.prompts=[]"]
+    )
+    assert T.train(first)["global_step"] == 3
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["state_dict"] and all(".lora_" in k for k in saved["state_dict"])
+
+    second = compose(
+        "default",
+        [
+            *micro_overrides(output_dir=tmp_path / "b", trainer__max_steps=5),
+            "logger=csv",
+            "sample.prompts=[]",
+            f"ckpt_path={ckpt}",
+        ],
+    )
+    summary = T.train(second)  # Lightning loads strictly: unadapted layers would have raised here
+    assert summary["global_step"] == 5
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    key = next(iter(saved["state_dict"]))
+    assert not torch.equal(resumed["state_dict"][key], saved["state_dict"][key]), (
+        "training went on from there"
+    )
