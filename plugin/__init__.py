@@ -9,7 +9,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "kernels-community" not in record.getMessage()
 )
 
-from .lora import LoRAConfig, LoRALinear, merge_lora  # noqa: E402
+from .lora import LoRAConfig, LoRALinear  # noqa: E402
 from .nf4 import Linear4bit, QuantConfig  # noqa: E402
 from .precision import QLoRAPrecision  # noqa: E402
 
@@ -37,5 +37,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "Linear4bit", "QLoRAPrecision", "QuantConfig", "merge_lora", *_LAZY]
+__all__ = ["LoRAConfig", "LoRALinear", "Linear4bit", "QLoRAPrecision", "QuantConfig", *_LAZY]
 __version__ = "0.1.0"

@@ -265,30 +265,3 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Only the adapter weights, keyed by their names in ``model``."""
     return {k: v for k, v in model.state_dict(keep_vars=False).items() if ".lora_A." in k or ".lora_B." in k}
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Folds every adapter into a 16-bit base weight and unwraps it into a plain ``nn.Linear``.
-
-    A 4-bit base is dequantized by bitsandbytes first; the result stays 16-bit (no re-quantization,
-    which would add the quantization error a second time).
-    """
-    for name, layer in list(lora_layers(model).items()):
-        base = layer.base_layer
-        if not _FUSED:
-            base = None
-        if isinstance(base, Linear4bit):
-            weight = base.dequantized_weight()
-            dtype = base.compute_dtype
-        else:
-            weight = base.weight.data
-            dtype = weight.dtype
-        merged = (weight.float() + layer.delta_weight().to(weight.device)).to(dtype)
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device="meta")
-        linear.weight = nn.Parameter(merged, requires_grad=False)
-        if base.bias is not None:
-            linear.bias = nn.Parameter(base.bias.data.to(dtype), requires_grad=False)
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, linear)
-    return model

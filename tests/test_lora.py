@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QuantConfig
-from lightning_qlora.lora import find_targets, merge_lora
+from lightning_qlora.adapters import merge_adapter
+from lightning_qlora.lora import find_targets
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -90,7 +91,7 @@ def test_merge_folds_the_adapter_into_a_16bit_linear():
     x = torch.randn(3, 64)
     with torch.no_grad():
         expected = layer(x)
-        merge_lora(model)
+        merge_adapter(model)
         merged = model[0]
         assert type(merged) is nn.Linear and merged.weight.dtype == torch.float32
         torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
