@@ -420,12 +420,10 @@ class DeferredLinear(nn.Linear):
     """The ``nn.Linear`` built inside :func:`deferred_linear_init`.
 
     Its weight never lands on the accelerator in 16-bit: it is allocated on the meta device under
-    ``empty_init`` (nothing allocated; the weight arrives through ``load_state_dict`` and is
-    quantized on arrival, on the device the model was being built for) and on the host otherwise
-    (bitsandbytes then quantizes it layer by layer when the model moves to the accelerator).
+    ``empty_init`` (nothing allocated until ``load_state_dict``) and on the host otherwise. The plugin
+    converts these layers to :class:`Linear4bit` when its init context exits, which quantizes them
+    as they load or move; layers kept in 16-bit (``skip_modules``, ``quant=None``) load here.
     """
-
-    quant_config: QuantConfig | None = None
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, device: Any = None, dtype: Any = None
@@ -439,39 +437,25 @@ class DeferredLinear(nn.Linear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        config = self.quant_config
         key = prefix + "weight"
         if self.weight.device.type != "meta" or key not in state_dict:
             return super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
+        # Built empty: copying into a meta tensor would silently do nothing, so assign on the target device.
         incoming = state_dict[key]
         if tuple(incoming.shape) != (self.out_features, self.in_features):
             error_msgs.append(
                 f"size mismatch for {key}: checkpoint {tuple(incoming.shape)}, model {tuple(self.weight.shape)}"
             )
             return
-        dtype = config.compute_dtype if config is not None else self.weight.dtype
-        if config is None:  # 16-bit LoRA: the weight goes straight to its device
-            self.weight = nn.Parameter(incoming.detach().to(self.target_device, dtype), requires_grad=False)
-        else:
-            weight = _params4bit(incoming, config)
-            self.weight = (
-                weight._quantize(self.target_device) if self.target_device.type != "meta" else weight
-            )
+        dtype = self.weight.dtype
+        self.weight = nn.Parameter(incoming.detach().to(self.target_device, dtype), requires_grad=False)
         bias_key = prefix + "bias"
         if self.bias is not None and bias_key in state_dict:
             self.bias = nn.Parameter(state_dict[bias_key].detach().to(self.target_device, dtype))
         elif self.bias is not None:
             missing_keys.append(bias_key)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(self.weight, bnb.nn.Params4bit):
-            raise RuntimeError(
-                "this layer holds a 4-bit weight loaded before conversion; run it through the Trainer "
-                "(or QLoRAPrecision.convert_module) first"
-            )
-        return super().forward(x)
 
 
 class deferred_linear_init:  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -481,15 +465,11 @@ class deferred_linear_init:  # noqa: N801 - used as a context manager, like torc
     context was entered; such layers are still converted later, only staged where they were built.
     """
 
-    def __init__(self, config: QuantConfig | None) -> None:
-        self.config = config
-
     def __enter__(self) -> deferred_linear_init:
-        self._saved = (torch.nn.Linear, torch.nn.modules.linear.Linear, DeferredLinear.quant_config)
+        self._saved = (torch.nn.Linear, torch.nn.modules.linear.Linear)
         torch.nn.Linear = DeferredLinear
         torch.nn.modules.linear.Linear = DeferredLinear
-        DeferredLinear.quant_config = self.config
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        torch.nn.Linear, torch.nn.modules.linear.Linear, DeferredLinear.quant_config = self._saved
+        torch.nn.Linear, torch.nn.modules.linear.Linear = self._saved

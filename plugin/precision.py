@@ -107,7 +107,7 @@ class QLoRAPrecision(Precision):
         handle = register_module_module_registration_hook(record)
         self._init_depth += 1
         try:
-            with _DtypeContextManager(self.dtype), deferred_linear_init(self.quant):
+            with _DtypeContextManager(self.dtype), deferred_linear_init():
                 yield
         finally:
             self._init_depth -= 1
