@@ -101,11 +101,17 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
         self._register_load_state_dict_pre_hook(_route_base_keys)
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
         if self.lora_A.weight.device.type == "meta":
             return
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        # kaiming_uniform_(a=sqrt(5)) and zeros_, spelled out: the plugin converts models inside
+        # Lightning's init_module(empty_init=True), whose mode turns torch.nn.init.* into no-ops and
+        # would leave the adapters as uninitialised memory (B not zero).
+        gain = nn.init.calculate_gain("leaky_relu", math.sqrt(5))
+        bound = math.sqrt(3.0) * (gain / math.sqrt(self.in_features))
+        self.lora_A.weight.uniform_(-bound, bound)
+        self.lora_B.weight.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         base = self.base_layer

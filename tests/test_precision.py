@@ -242,6 +242,9 @@ def test_empty_init_builds_on_meta_and_quantizes_while_loading():
     first = model.net[0].base_layer  # converted as soon as it was built
     assert isinstance(first, Linear4bit) and first.weight.device.type == "meta"
     assert not any(p.device.type == "cpu" for p in first.parameters()), "no 16-bit weight allocated"
+    for layer in (model.net[0], model.net[2], model.net[4]):  # adapters are initialised, not left empty
+        assert torch.all(layer.lora_B.weight == 0)
+        assert 0 < layer.lora_A.weight.abs().max() <= 1 / layer.in_features**0.5
     model.load_state_dict(state)  # a plain 16-bit state dict: quantized layer by layer as it loads
     assert isinstance(first.weight, bnb.nn.Params4bit) and first.weight.bnb_quantized
     assert first.weight.device.type == "cpu"
