@@ -11,9 +11,10 @@ warm-up, peak ``torch.cuda.max_memory_allocated`` while training, and time and p
 and quantize the model.
 
 Modes:
-    ours      QLoRAPrecision (NF4 + double quant, bf16 compute) through ``L.Trainer``, eager
-    ours16    the same plugin with ``quant=None`` (16-bit LoRA), decoder blocks compiled
-              (both as ``CausalLMModule(compile="auto")`` on CUDA; ``QLORA_BENCH_COMPILE=0|1`` overrides)
+    ours      QLoRAPrecision (NF4 + double quant, bf16 compute) through ``L.Trainer``
+    ours16    the same plugin with ``quant=None`` (16-bit LoRA)
+              (both with each decoder block compiled on CUDA, as ``CausalLMModule(compile="auto")``
+              does; ``QLORA_BENCH_COMPILE=0|1`` overrides, and the table says which ran compiled)
     peft      transformers ``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training`` + PEFT LoRA,
               run under bf16 autocast as the HF Trainer does with ``bf16=True`` (the reference)
     peft_noac the same without autocast
@@ -103,6 +104,7 @@ class Result:
     loss_first: float
     loss_last: float
     error: str = ""
+    compiled: bool = False
 
 
 def _gib(n: float) -> float:
@@ -153,8 +155,9 @@ def run_ours(
     from lightning_qlora.loss import causal_lm_loss
     from lightning_qlora.module import compile_blocks
 
-    # What CausalLMModule(compile="auto") does on CUDA: compile 16-bit LoRA, keep QLoRA eager.
-    compile_blocks_flag = {"1": True, "0": False}.get(os.environ.get("QLORA_BENCH_COMPILE", ""), not quant)
+    # What CausalLMModule(compile="auto") does: compile the blocks on CUDA, stay eager on a CPU.
+    default = device.type == "cuda"
+    compile_blocks_flag = {"1": True, "0": False}.get(os.environ.get("QLORA_BENCH_COMPILE", ""), default)
 
     if os.environ.get("QLORA_BENCH_UNFUSED"):
         import lightning_qlora.lora
@@ -235,9 +238,11 @@ def run_ours(
     )
     data = _batches(model, warmup + steps, torch.device("cpu"))
     trainer.fit(BenchLM(), torch.utils.data.DataLoader(data, batch_size=None))
-    return _result(
+    result = _result(
         model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device
     )
+    result.compiled = compile_blocks_flag
+    return result
 
 
 def _profiler_activities(device: torch.device) -> list:
@@ -363,8 +368,9 @@ def table(results: list[Result]) -> str:
             continue
         speed = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref else ""
         mem = f"{r.peak_gib / ref.peak_gib:.2f}x" if ref and ref.peak_gib else ""
+        mode = f"{r.mode} (compiled)" if r.compiled else r.mode
         rows.append(
-            f"| {r.model} | {r.mode} | {r.tokens_per_step} | {r.tokens_per_s:,.0f} | {speed} | {r.step_s:.3f} | "
+            f"| {r.model} | {mode} | {r.tokens_per_step} | {r.tokens_per_s:,.0f} | {speed} | {r.step_s:.3f} | "
             f"{r.peak_gib:.2f} | {mem} | {r.load_s:.1f} | {r.load_peak_gib:.2f} | {r.loss_first:.3f}→{r.loss_last:.3f} |"
         )
     return "\n".join(rows)

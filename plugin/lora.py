@@ -117,23 +117,18 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self.merged:
             return base(x)
-        if isinstance(base, Linear4bit) and _FUSED:
-            spec, weight = base.frozen_weight()
+        if isinstance(base, Linear4bit) and _FUSED and not torch.compiler.is_compiling():
+            weight = base.frozen_weight()
         elif type(base) is nn.Linear and not base.weight.requires_grad and _FUSED:
-            spec, weight = None, (base.weight,)
-        else:  # any other frozen layer: the plain composition
+            weight = base.weight
+        else:
+            # Any other frozen layer, and 4-bit ones under torch.compile (their matmul is an opaque
+            # op there; compile fuses this composition itself).
             out = base(x)
             lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
         return _FrozenLinearWithLoRA.apply(
-            x,
-            self.lora_dropout(x),
-            base.bias,
-            self.lora_A.weight,
-            self.lora_B.weight,
-            self.scaling,
-            spec,
-            *weight,
+            x, self.lora_dropout(x), base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, weight
         )
 
     def delta_weight(self) -> Tensor:
@@ -154,37 +149,24 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
-        x: Tensor,
-        xd: Tensor,
-        bias: Tensor | None,
-        a: Tensor,
-        b: Tensor,
-        s: float,
-        spec: tuple | None,
-        *weight: Tensor,
+        ctx: Any, x: Tensor, xd: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float, weight: Tensor
     ):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
-        w = weight_value(spec, weight).to(dtype)
+        w = weight_value(weight).to(dtype)
         out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         a16, b16 = a.to(dtype), b.to(dtype)
         xa = xd2 @ a16.t()
         out.addmm_(xa, b16.t(), alpha=s)
-        ctx.scaling, ctx.same_input, ctx.spec = s, xd is x, spec
+        ctx.scaling, ctx.same_input, ctx.weight = s, xd is x, weight  # the weight referenced, never copied
         ctx.x_shape, ctx.xd_shape = x.shape, xd.shape
-        if spec is None:  # eager: a Params4bit or a dense frozen weight, referenced, never copied
-            ctx.weight = weight[0]
-            ctx.save_for_backward(xd2, xa, a16, b16)
-        else:  # inside torch.compile: plain tensors, saved the ordinary way
-            ctx.save_for_backward(xd2, xa, a16, b16, *weight)
+        ctx.save_for_backward(xd2, xa, a16, b16)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):
-        xd2, xa, a16, b16, *packed = ctx.saved_tensors
-        weight = (ctx.weight,) if ctx.spec is None else tuple(packed)
+        xd2, xa, a16, b16 = ctx.saved_tensors
         s = ctx.scaling
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_xa = g2 @ (b16 * s)
@@ -192,14 +174,13 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
         grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[4] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = g2 @ weight_value(ctx.weight).to(g2.dtype)
             if ctx.same_input:
-                grad_x = (
-                    (g2 @ weight_value(ctx.spec, weight).to(g2.dtype)).addmm_(grad_xa, a16).view(ctx.x_shape)
-                )
+                grad_x = grad_x.addmm_(grad_xa, a16).view(ctx.x_shape)
             else:
-                grad_x = (g2 @ weight_value(ctx.spec, weight).to(g2.dtype)).view(ctx.x_shape)
+                grad_x = grad_x.view(ctx.x_shape)
                 grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
-        return (grad_x, grad_xd, None, grad_a, grad_b, None, None, *([None] * len(weight)))
+        return grad_x, grad_xd, None, grad_a, grad_b, None, None
 
 
 def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:

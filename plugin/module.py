@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit
-
 OPTIMIZERS = ("adamw", "adam", "sgd", "paged_adamw8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 IGNORE_INDEX = -100
@@ -79,11 +77,9 @@ class CausalLMModule(L.LightningModule):
         revision: hub revision.
         loss_chunk_size: tokens per chunk of the output head + cross-entropy, so the fp32 logits of the
             whole batch never exist at once (0 = one chunk).
-        compile: ``torch.compile`` each decoder block. ``"auto"`` compiles on CUDA when the model has no
-            4-bit layers (16-bit LoRA: 1.4x faster on the 7B benchmark). QLoRA runs eager unless
-            ``compile=true``: the compiled 4-bit versions measured so far were wrong (NaN) or slower
-            than eager (BENCHMARKS.md); the plain-tensor path that compile now traces through 4-bit
-            layers matches eager on CPU (tests/test_compile.py) but is not yet measured on a GPU.
+        compile: ``torch.compile`` each decoder block (``true``/``false``). ``"auto"`` compiles on CUDA
+            and stays eager elsewhere (compiling on a CPU costs more than it saves on short runs).
+            Inside a compiled block a 4-bit matmul is one opaque op (``nf4.dequantize_matmul``).
     """
 
     def __init__(
@@ -157,10 +153,10 @@ class CausalLMModule(L.LightningModule):
         self.model = model
 
     def on_fit_start(self) -> None:
-        # Decided here, after QLoRAPrecision converted the model: only then is it known to be 4-bit.
+        # Here, after QLoRAPrecision converted the model and the Trainer moved (quantized) it: compile
+        # must see the final layers.
         hp = self.hparams
-        four_bit = any(isinstance(m, Linear4bit) for m in self.model.modules())
-        wanted = hp.compile is True or (hp.compile == "auto" and self.device.type == "cuda" and not four_bit)
+        wanted = hp.compile is True or (hp.compile == "auto" and self.device.type == "cuda")
         if wanted and not getattr(self.model, "_blocks_compiled", False):
             compile_blocks(self.model)
             self.model._blocks_compiled = True

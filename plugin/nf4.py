@@ -9,7 +9,7 @@ kept alive between the two passes and nothing but a reference to the packed weig
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,32 +105,24 @@ class QuantConfig:
 
 
 class _DequantizeMatmul(torch.autograd.Function):
-    """``x @ dequantize(W).T`` for a frozen 4-bit ``W``.
+    """``x @ dequantize(W).T`` for a frozen 4-bit ``W`` (a ``Params4bit``), in eager mode.
 
     The base weight gets no gradient, so the backward needs neither ``x`` nor the dequantized
     weight: it dequantizes once more and returns ``grad @ W``. Saving nothing keeps activation
     memory at what a frozen 16-bit layer would cost.
-
-    ``weight`` is ``(Params4bit,)`` with ``spec=None`` (eager), or the plain tensors of
-    :func:`packed_weight` with their ``spec`` (inside ``torch.compile``, which must not see Params4bit).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, spec: tuple | None, *weight: Tensor) -> Tensor:
-        ctx.spec = spec
-        if spec is None:
-            ctx.weight = weight[0]
-        else:
-            ctx.save_for_backward(*weight)
-        return x @ weight_value(spec, weight).to(x.dtype).t()
+    def forward(ctx: Any, x: Tensor, weight: bnb.nn.Params4bit) -> Tensor:
+        ctx.weight = weight
+        return x @ dequantize(weight).to(x.dtype).t()
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        weight = (ctx.weight,) if ctx.spec is None else ctx.saved_tensors
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, None]:
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = grad_output @ weight_value(ctx.spec, weight).to(grad_output.dtype)
-        return (grad, None, *([None] * len(weight)))
+            grad = grad_output @ dequantize(ctx.weight).to(grad_output.dtype)
+        return grad, None
 
 
 def packed_weight(weight: bnb.nn.Params4bit) -> tuple[tuple, tuple[Tensor, ...]]:
@@ -140,14 +132,14 @@ def packed_weight(weight: bnb.nn.Params4bit) -> tuple[tuple, tuple[Tensor, ...]]
     """
     qs = weight.quant_state
     tensors: tuple[Tensor, ...] = (weight.data, qs.absmax)
-    nested = (0, None)
+    nested = (0, torch.float32)
     if qs.nested:
         tensors += (qs.state2.absmax, qs.state2.code, qs.offset)
         nested = (qs.state2.blocksize, qs.state2.dtype)
-    return (qs.blocksize, qs.quant_type, tuple(qs.shape), qs.dtype, *nested), tensors
+    return (qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype, *nested), tensors
 
 
-def dequantize_packed(spec: tuple, tensors: tuple[Tensor, ...]) -> Tensor:
+def dequantize_packed(spec: tuple, tensors: Sequence[Tensor]) -> Tensor:
     """What :func:`dequantize` computes, through bitsandbytes' registered ops on plain tensors."""
     blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype = spec
     packed, absmax = tensors[:2]
@@ -162,11 +154,51 @@ def dequantize_packed(spec: tuple, tensors: tuple[Tensor, ...]) -> Tensor:
     )
 
 
-def weight_value(spec: tuple | None, weight: tuple[Tensor, ...]) -> Tensor:
-    """The 16-bit value of a frozen weight: a dense tensor, a ``Params4bit``, or packed tensors."""
-    if spec is not None:
-        return dequantize_packed(spec, weight)
-    return dequantize(weight[0]) if isinstance(weight[0], bnb.nn.Params4bit) else weight[0]
+# torch.compile sees a 4-bit matmul as this one opaque op. Traced through, bitsandbytes' ops gave
+# wrong input gradients on CUDA (finite forward, gradient norms 1e5x eager's, then NaN; even with
+# the aot_eager backend), while eager bitsandbytes calls inside an opaque op are the tested path.
+@torch.library.custom_op("lightning_qlora::dequantize_matmul", mutates_args=())
+def dequantize_matmul(
+    x: Tensor,
+    packed: list[Tensor],
+    blocksize: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    nested_blocksize: int,
+    nested_dtype: torch.dtype,
+    linear: bool,
+) -> Tensor:
+    """``x @ W.T`` (``linear=True``) or ``x @ W`` for the packed 4-bit ``W`` of :func:`packed_weight`."""
+    weight = dequantize_packed((blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype), packed)
+    weight = weight.to(x.dtype)
+    return x @ (weight.t() if linear else weight)
+
+
+@dequantize_matmul.register_fake
+def _(x, packed, blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype, linear):
+    return x.new_empty(*x.shape[:-1], shape[0] if linear else shape[1])
+
+
+def _dequantize_matmul_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs[1])
+    ctx.spec = inputs[2:]
+
+
+def _dequantize_matmul_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    *spec, linear = ctx.spec
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = dequantize_matmul(grad, list(ctx.saved_tensors), *spec, not linear)
+    return grad_x, [None] * len(ctx.saved_tensors), *([None] * len(ctx.spec))
+
+
+dequantize_matmul.register_autograd(_dequantize_matmul_backward, setup_context=_dequantize_matmul_setup)
+
+
+def weight_value(weight: Tensor) -> Tensor:
+    """The 16-bit value of a frozen weight: a ``Params4bit`` dequantized, a dense tensor as is."""
+    return dequantize(weight) if isinstance(weight, bnb.nn.Params4bit) else weight
 
 
 def dequantize(weight: bnb.nn.Params4bit) -> Tensor:
@@ -235,26 +267,30 @@ class Linear4bit(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        spec, weight = self.frozen_weight()
-        out = _DequantizeMatmul.apply(x, spec, *weight)
+        if torch.compiler.is_compiling():
+            out = self.compiled_matmul(x)
+        else:
+            out = _DequantizeMatmul.apply(x, self.frozen_weight())
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
 
-    def frozen_weight(self) -> tuple[tuple | None, tuple[Tensor, ...]]:
-        """``(spec, tensors)`` for the matmul functions: the Params4bit in eager mode, plain tensors when compiling.
-
-        Traced by torch.compile, bitsandbytes' Params4bit (a Parameter subclass whose QuantState rides
-        along as a Python attribute) gave NaN losses on CUDA (BENCHMARKS.md, run D).
-        """
-        if torch.compiler.is_compiling():
-            if self._packed is None:
-                raise RuntimeError("quantize the model (move it to its device) before compiling it")
-            return self._packed
+    def frozen_weight(self) -> bnb.nn.Params4bit:
+        """The quantized weight for the eager matmul functions (quantized here if it never moved)."""
         if not self.quantized:
             # Converted but never moved to a device (a plain module outside a Trainer).
             self.quantize_()
-        return None, (self.weight,)
+        return self.weight
+
+    def compiled_matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` as the opaque :func:`dequantize_matmul` op, which torch.compile traces around.
+
+        torch.compile sees plain tensors (the packed weight and its QuantState's), never the Params4bit.
+        """
+        if self._packed is None:
+            raise RuntimeError("quantize the model (move it to its device) before compiling it")
+        spec, tensors = self._packed
+        return dequantize_matmul(x, list(tensors), *spec, True)
 
     def _refresh_packed(self) -> None:
         self._packed = packed_weight(self.weight) if self.quantized else None
