@@ -296,8 +296,18 @@ class Linear4bit(nn.Module):
         self._packed = packed_weight(self.weight) if self.quantized else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        packed = self.weight if self.quantized else None
+
+        def device_only_for_packed(t: Tensor) -> Tensor:
+            out = fn(t)
+            if t is packed and out.dtype != t.dtype:
+                # Packed 4-bit codes are bytes, not numbers: a dtype cast (model.half(), .float())
+                # would scramble them when quant_storage is a float type. Only the move applies.
+                out = t if out.device == t.device else t.to(out.device)
+            return out
+
+        out = super()._apply(device_only_for_packed, recurse)
         # A device move quantizes (or moves) the weight: the plain-tensor view must follow it.
-        out = super()._apply(fn, recurse)
         self._refresh_packed()
         return out
 

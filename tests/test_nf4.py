@@ -70,6 +70,21 @@ def test_weights_quantize_when_moved_to_a_device_not_before():
     assert layer.quantized and layer.weight.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+def test_dtype_casts_leave_the_packed_codes_alone(storage):
+    # bfloat16 storage (for FSDP) holds packed bytes in a float tensor: a cast would scramble them.
+    _, layer = _quantized_layer(64, 32, QuantConfig(quant_storage=storage))
+    before = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state).clone()
+    layer.half()
+    layer.to(torch.float32)
+    assert (
+        isinstance(layer.weight, bnb.nn.Params4bit)
+        and layer.weight.dtype == QuantConfig(quant_storage=storage).quant_storage
+    )
+    assert torch.equal(bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state), before)
+    assert layer.bias.dtype == torch.float32, "the cast still applies to everything else"
+
+
 def test_quantize_linears_skips_the_head_and_counts_bytes():
     model = nn.Sequential()
     model.add_module("up", nn.Linear(128, 256))
