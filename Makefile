@@ -32,8 +32,8 @@ lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check plugin tests
 	$(VENV)/bin/ruff format --check plugin tests
 
-bench: $(STAMP) ## GPU benchmark: ours vs PEFT + bitsandbytes, side by side (ARGS="--models 7b")
-	$(PY) -m lightning_qlora.bench $(ARGS)
+bench: $(STAMP) ## GPU benchmark: ours vs PEFT + bitsandbytes, side by side; appends to BENCHMARKS.md (ARGS="--models 7b")
+	$(PY) -m lightning_qlora.bench --report BENCHMARKS.md $(ARGS)
 
 bench-cpu: $(STAMP) ## the benchmark's tiny CPU configuration (figures mean nothing)
 	$(PY) -m lightning_qlora.bench --cpu $(ARGS)
