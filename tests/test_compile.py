@@ -1,4 +1,4 @@
-"""The plain-tensor path that torch.compile traces through 4-bit layers, against the eager path."""
+"""torch.compile through 4-bit layers (their matmul one opaque op over plain tensors) against the eager path."""
 
 import pytest
 import torch
