@@ -1,5 +1,6 @@
 """Run by test_precision.py in its own process: 2-process DDP (gloo, CPU) with QLoRAPrecision."""
 
+import os
 import sys
 
 import lightning as L
@@ -45,4 +46,6 @@ if __name__ == "__main__":
     model = ConfigureModelLM(sys.argv[1])
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
     adapters = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if ".lora_B." in n])
-    print(f"RANK {trainer.global_rank} {adapters.abs().sum().item():.6f}", flush=True)
+    # One write per line: both ranks share the pipe, and print() writes text and newline apart.
+    sys.stdout.flush()
+    os.write(1, f"RANK {trainer.global_rank} {adapters.abs().sum().item():.6f}\n".encode())
