@@ -16,16 +16,16 @@ from .precision import QLoRAPrecision  # noqa: E402
 # The rest of the API pulls in transformers/datasets/wandb: imported on first use, so that the plugin
 # alone (`from lightning_qlora import QLoRAPrecision`) stays a light import.
 _LAZY = {
-    "AdapterCheckpoint": "adapters",
-    "export_merged": "adapters",
     "load_adapter": "adapters",
-    "load_model": "adapters",
     "merge_adapter": "adapters",
     "save_adapter": "adapters",
+    "AdapterCheckpoint": "callbacks",
     "GradNormMonitor": "callbacks",
     "MemoryMonitor": "callbacks",
     "RunSummary": "callbacks",
     "InstructDataModule": "data",
+    "export_merged": "export",
+    "load_model": "export",
     "generate": "generate",
     "CausalLMModule": "module",
 }

@@ -1,32 +1,30 @@
-"""Adapters in PEFT's LoRA format, merged 16-bit export, and model loading for inference.
+"""Adapters in PEFT's LoRA format, and merging them into 16-bit weights.
 
 ``save_adapter`` writes ``adapter_model.safetensors`` + ``adapter_config.json`` exactly as PEFT
 does, so ``peft.PeftModel.from_pretrained(base, directory)`` loads them; it also writes
 ``qlora_config.json`` (our quantization + LoRA settings) so the same 4-bit base can be rebuilt.
 ``load_adapter`` reads ours and PEFT-made LoRA adapters into a model converted by
 :class:`~lightning_qlora.QLoRAPrecision`, validating everything before it touches the model.
-``merge_adapter`` folds adapters into 16-bit weights one layer at a time, and ``export_merged``
-(console script ``lightning-qlora-export``) writes the result with ``save_pretrained``.
+``merge_adapter`` folds adapters into 16-bit weights one layer at a time. Building a model from a
+base + adapter and the merged export live in :mod:`lightning_qlora.export`; the
+``AdapterCheckpoint`` callback in :mod:`lightning_qlora.callbacks`.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import math
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from .lora import LoRAConfig, LoRALinear, lora_layers
-from .nf4 import Linear4bit, QuantConfig, _parent, as_dtype, dequantize, dtype_name, named_linears
+from .nf4 import Linear4bit, QuantConfig, as_dtype, dequantize, named_linears, parent_module
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT releases
@@ -63,11 +61,6 @@ def hf_root(model: nn.Module) -> tuple[nn.Module, str]:
     if len(outer) == 1:
         return outer[0][1], outer[0][0]
     return model, ""
-
-
-def _alpha(layer: LoRALinear, use_rslora: bool) -> float:
-    alpha = layer.scaling * (math.sqrt(layer.r) if use_rslora else layer.r)
-    return round(alpha, 6) if abs(alpha - round(alpha)) > 1e-6 else float(round(alpha))
 
 
 def _target_modules(root: nn.Module, names: Sequence[str]) -> list[str] | str:
@@ -107,15 +100,15 @@ def save_adapter(
         model: a model converted by ``QLoRAPrecision`` (an HF model, or a module wrapping one).
         directory: created if needed; existing adapter files are replaced atomically.
         base_model_name_or_path: recorded for PEFT; default ``model.config._name_or_path``.
-        precision: the ``QLoRAPrecision`` used for training; its settings go to ``qlora_config.json``
-            (inferred from the model's layers when omitted).
+        precision: the ``QLoRAPrecision`` used for training; its quantization goes to
+            ``qlora_config.json`` (inferred from the model's layers when omitted).
 
     Returns:
         The directory.
 
     Raises:
-        ValueError: the model has no LoRA layers, or its layers differ in rank or scaling (PEFT's
-            ``rank_pattern`` / ``alpha_pattern`` are not written).
+        ValueError: the model has no LoRA layers, or its layers differ in rank, alpha or rsLoRA
+            (PEFT's ``rank_pattern`` / ``alpha_pattern`` are not written).
     """
     from safetensors.torch import save_file
 
@@ -127,28 +120,28 @@ def save_adapter(
             "(the Trainer does this) first"
         )
     first_name, first = next(iter(layers.items()))
+    lora_cfg = first.config  # each layer keeps the LoRAConfig it was built (or loaded) with
+
+    def settings(cfg: LoRAConfig) -> str:
+        return f"r={cfg.r}, alpha={cfg.alpha:g}, use_rslora={cfg.use_rslora}"
+
     for name, layer in layers.items():
-        if layer.r != first.r or not math.isclose(layer.scaling, first.scaling, rel_tol=1e-6):
+        if settings(layer.config) != settings(lora_cfg):
             raise ValueError(
-                f"LoRA layers differ: '{first_name}' has r={first.r}, scaling={first.scaling:g} but '{name}' has "
-                f"r={layer.r}, scaling={layer.scaling:g}; per-layer ranks are not supported"
+                f"LoRA layers differ: '{first_name}' has {settings(lora_cfg)} but '{name}' has "
+                f"{settings(layer.config)}; per-layer ranks and alphas are not supported"
             )
-    lora_cfg: LoRAConfig | None = getattr(precision, "lora", None)
-    # LoRALinear keeps only the scaling; take alpha/rslora from the plugin when they agree with it.
-    use_rslora = bool(lora_cfg is not None and lora_cfg.use_rslora and lora_cfg.r == first.r)
-    alpha = _alpha(first, use_rslora)
-    dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(root, "config", None), "_name_or_path", None) or None
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
+        "r": lora_cfg.r,
+        "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout,
         "target_modules": _target_modules(root, list(layers)),
-        "use_rslora": use_rslora,
+        "use_rslora": lora_cfg.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -167,14 +160,7 @@ def save_adapter(
     quant = getattr(precision, "quant", None) if precision is not None else _infer_quant(root)
     qlora = {
         "quant": None if quant is None else quant.to_dict(),
-        "lora": {
-            **(lora_cfg.to_dict() if lora_cfg is not None else {}),
-            "r": first.r,
-            "alpha": alpha,
-            "dropout": dropout,
-            "use_rslora": use_rslora,
-            "target_modules": list(layers),
-        },
+        "lora": {**lora_cfg.to_dict(), "target_modules": list(layers)},
     }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,10 +221,20 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def adapter_scaling(cfg: dict[str, Any]) -> float:
-    """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA: PEFT's scaling."""
-    r = cfg["r"]
-    return float(cfg["lora_alpha"]) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+def adapter_lora_config(cfg: dict[str, Any], target_modules: Any = "all-linear") -> LoRAConfig:
+    """The :class:`LoRAConfig` a validated ``adapter_config.json`` describes (rank, alpha, rsLoRA).
+
+    Args:
+        cfg: from :func:`read_adapter_config`.
+        target_modules: the layers to adapt (e.g. :func:`target_names` of the directory); the file's
+            own ``target_modules`` uses PEFT's suffix matching, not ours.
+    """
+    return LoRAConfig(
+        r=cfg["r"],
+        alpha=cfg["lora_alpha"],
+        target_modules=target_modules,
+        use_rslora=bool(cfg.get("use_rslora")),
+    )
 
 
 def _read_adapter_weights(directory: Path) -> dict[str, Tensor]:
@@ -280,7 +276,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Loads a LoRA adapter (ours or PEFT's) into a model converted by ``QLoRAPrecision``.
 
     Every adapter layer must exist in the model as a LoRA layer of the same rank and shape; the
-    adapter's scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) replaces the layers'.
+    adapter's ``lora_alpha`` and ``use_rslora`` replace those in every LoRA layer's config, hence
+    its scaling (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA).
     LoRA layers of the model that the adapter does not cover get ``B = 0``, so the model computes
     exactly base + this adapter. Everything is checked before any weight changes: on error the
     model is untouched.
@@ -306,7 +303,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         raise ValueError(
             f"{where}: {type(model).__name__} has no LoRA layers. Convert it first with "
             "QLoRAPrecision(lora=LoRAConfig(r=..., target_modules=...)).convert_module(model), or build it with "
-            "lightning_qlora.adapters.load_model(base, adapter_dir)"
+            "lightning_qlora.export.load_model(base, adapter_dir)"
         )
     sample = next(iter(layers.values()))
     model_desc = (
@@ -347,14 +344,19 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 raise ValueError(f"{where}: '{name}' has no {part} weight in the adapter file; {model_desc}")
     if not covered:
         raise ValueError(f"{where}: the adapter file holds no LoRA weights")
-    scaling = adapter_scaling(cfg)
+    alpha, use_rslora = cfg["lora_alpha"], bool(cfg.get("use_rslora"))
+    # Built before any change (replace re-validates): the layers' configs then say what the file says.
+    configs = {
+        name: dataclasses.replace(layer.config, alpha=alpha, use_rslora=use_rslora)
+        for name, layer in layers.items()
+    }
     # Validated: from here on nothing can fail halfway. copy_ keeps the Parameter objects (and any
     # optimizer state pointing at them).
     for name, layer in layers.items():
+        layer.config = configs[name]
         if name in covered:
             layer.lora_A.weight.copy_(staged[(name, "lora_A")])
             layer.lora_B.weight.copy_(staged[(name, "lora_B")])
-            layer.scaling = scaling
         else:
             layer.lora_B.weight.zero_()
     return sorted(covered, key=list(layers).index)
@@ -396,7 +398,7 @@ def merge_adapter(
     adapted = lora_layers(model)
     plain4 = [n for n, m in named_linears(model) if isinstance(m, Linear4bit) and not _inside(n, adapted)]
     for name in [*adapted, *plain4]:
-        parent, attr = _parent(model, name)
+        parent, attr = parent_module(model, name)
         layer = getattr(parent, attr)
         base = layer.base_layer if isinstance(layer, LoRALinear) else layer
         # With a work device the merged layer goes to the host; else it stays where the layer was.
@@ -441,250 +443,13 @@ def read_qlora_config(directory: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"'{path}' is not valid JSON: {err}") from None
 
 
-def load_model(
-    base: str | os.PathLike,
-    adapter: str | os.PathLike | None = None,
-    quant: QuantConfig | None | str = "auto",
-    compute_dtype: str | torch.dtype | None = None,
-    device: str | torch.device | None = "cpu",
-) -> nn.Module:
-    """An HF causal LM from ``base`` (+ a LoRA adapter), built the way training built it.
-
-    Args:
-        base: a ``save_pretrained`` directory or hub id of the 16-bit base model.
-        adapter: an adapter directory (ours or PEFT's); None for the plain (or merged) model.
-        quant: ``"auto"`` (the adapter's saved ``qlora_config.json`` quantization; nf4 for an adapter
-            without one; none without an adapter), ``"nf4"``, ``"fp4"``, ``"none"``/None, or a QuantConfig.
-        compute_dtype: dtype of the forward pass (default: saved setting, else float32 on CPU and
-            bfloat16 on a GPU).
-        device: where the model runs; 4-bit weights are quantized there, layer by layer. None leaves
-            the model on the host with its 4-bit weights not yet quantized (``merge_adapter`` then
-            quantizes each on its work device).
-
-    Returns:
-        The model in eval mode, converted by ``QLoRAPrecision`` when quantized or adapted.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .precision import QLoRAPrecision
-
-    device = torch.device(device) if device is not None else None
-    saved = read_qlora_config(adapter) if adapter is not None else None
-    saved_quant = (saved or {}).get("quant")
-    if compute_dtype is None:
-        on_cpu = device is None or device.type == "cpu"
-        if saved_quant and saved_quant.get("compute_dtype") and not on_cpu:
-            compute_dtype = saved_quant["compute_dtype"]
-        else:
-            compute_dtype = torch.float32 if on_cpu else torch.bfloat16
-    dtype = as_dtype(compute_dtype, "compute_dtype")
-    if quant == "auto":
-        if adapter is None:
-            quant = None
-        elif saved is not None:
-            quant = None if saved_quant is None else QuantConfig(**{**saved_quant, "compute_dtype": dtype})
-        else:
-            quant = "nf4"
-    if isinstance(quant, str):
-        if quant == "none":
-            quant = None
-        else:
-            fields = dict(saved_quant or {})
-            fields.update(quant_type=quant, compute_dtype=dtype)
-            quant = QuantConfig(**fields)
-    elif isinstance(quant, QuantConfig):
-        quant = QuantConfig(**{**quant.to_dict(), "compute_dtype": dtype})
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise ValueError(f"'{base}' is a pre-quantized checkpoint; give the 16-bit base model")
-    if quant is not None or adapter is not None:
-        if adapter is not None:
-            cfg = read_adapter_config(adapter)
-            lora = LoRAConfig(
-                r=cfg["r"],
-                alpha=cfg["lora_alpha"],
-                target_modules=target_names(adapter),
-                use_rslora=bool(cfg.get("use_rslora")),
-            )
-        else:
-            lora = LoRAConfig()
-        QLoRAPrecision(quant=quant, lora=lora, compute_dtype=dtype).convert_module(model)
-        if adapter is not None:
-            load_adapter(model, adapter)
-    if device is not None:  # 4-bit weights are quantized on arrival there
-        model.to(device)
-    return model.eval()
-
-
-def export_merged(
-    base: str | os.PathLike,
-    adapter: str | os.PathLike,
-    out: str | os.PathLike,
-    dtype: str | torch.dtype = "bfloat16",
-    max_shard_size: str | int = "2GB",
-    device: str | torch.device = "cpu",
-    quant: QuantConfig | None | str = "auto",
-    tokenizer: str | None = None,
-) -> Path:
-    """Writes base + adapter as one 16-bit ``save_pretrained`` checkpoint that plain transformers loads.
-
-    The base is rebuilt exactly as in training (4-bit with the adapter's saved quantization settings,
-    unless ``quant`` says otherwise), the adapter loaded, each layer dequantized and merged on
-    ``device`` and moved to the host, then everything saved as sharded safetensors, with the base's
-    tokenizer when it has one.
-
-    Args:
-        base: the 16-bit base model (directory or hub id).
-        adapter: the adapter directory.
-        out: the output directory.
-        dtype: ``bf16``, ``fp16`` (or ``fp32``) for the merged weights.
-        max_shard_size: largest safetensors shard, e.g. ``"2GB"``.
-        device: where layers are dequantized and merged (``cuda`` for speed; host memory holds the result).
-        quant: as in :func:`load_model`.
-        tokenizer: tokenizer to save with the model (default: the base's, if it has one).
-
-    Returns:
-        The output directory.
-    """
-    out_dtype = as_dtype(dtype, "dtype")
-    saved = read_qlora_config(adapter)
-    compute = (saved or {}).get("quant") or {}
-    # Built on the host, not quantized yet: merge_adapter quantizes and merges one layer at a time on ``device``.
-    model = load_model(base, adapter, quant=quant, compute_dtype=compute.get("compute_dtype"), device=None)
-    merge_adapter(model, dtype=out_dtype, device=device)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = out_dtype
-    out = Path(out)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    tok = _load_tokenizer(tokenizer or str(base), required=tokenizer is not None)
-    if tok is not None:
-        tok.save_pretrained(out)
-    return out
-
-
-def _load_tokenizer(name: str, required: bool) -> Any:
-    try:
-        from .tokenizer import load_tokenizer
-    except ImportError:  # tokenizer module not present: plain transformers
-        from transformers import AutoTokenizer
-
-        load_tokenizer = AutoTokenizer.from_pretrained
-    try:
-        return load_tokenizer(name)
-    except (OSError, ValueError, TypeError):
-        if required:
-            raise
-        return None
-
-
-class AdapterCheckpoint(L.Callback):
-    """A Lightning callback that writes the adapter in PEFT's format at each checkpoint and at the end.
-
-    ``<dirpath>/step-<N>`` is written whenever the Trainer saves a checkpoint, and ``<dirpath>/final``
-    when fitting ends; each loads with ``peft.PeftModel.from_pretrained`` and :func:`load_adapter`.
-    Rank zero writes. Under FSDP the adapters must be unsharded first (not handled here).
-
-    Args:
-        dirpath: where the adapters go; default ``<trainer.log_dir or default_root_dir>/adapters``.
-        base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model's own).
-    """
-
-    def __init__(self, dirpath: str | os.PathLike | None = None, base_model_name_or_path: str | None = None):
-        self.dirpath = dirpath
-        self.base_model_name_or_path = base_model_name_or_path
-
-    def _save(self, trainer: L.Trainer, pl_module: nn.Module, name: str) -> None:
-        if not trainer.is_global_zero:
-            return
-        root = (
-            Path(self.dirpath)
-            if self.dirpath is not None
-            else Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
-        )
-        plugin = trainer.precision_plugin
-        save_adapter(
-            pl_module, root / name, self.base_model_name_or_path, plugin if hasattr(plugin, "lora") else None
-        )
-
-    def on_save_checkpoint(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        self._save(trainer, pl_module, f"step-{trainer.global_step}")
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save(trainer, pl_module, "final")
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """``lightning-qlora-export``: merge an adapter into its base and save a 16-bit HF model."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-qlora-export",
-        description="Merge a LoRA adapter into its (4-bit-trained) base and save a 16-bit transformers model.",
-    )
-    parser.add_argument(
-        "--base", required=True, help="16-bit base model: save_pretrained directory or hub id"
-    )
-    parser.add_argument("--adapter", required=True, help="adapter directory (lightning-qlora or PEFT)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="merged weight dtype"
-    )
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
-    parser.add_argument(
-        "--device", default="cpu", help="where layers are dequantized and merged: cpu or cuda"
-    )
-    parser.add_argument(
-        "--quant",
-        default="auto",
-        choices=["auto", "nf4", "fp4", "none"],
-        help="base quantization used in training (auto: the adapter's qlora_config.json, else nf4)",
-    )
-    parser.add_argument("--blocksize", type=int, default=None, help="override the quantization block size")
-    parser.add_argument(
-        "--double-quant", default=None, choices=["true", "false"], help="override double quantization"
-    )
-    parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the base's, if any)")
-    args = parser.parse_args(argv)
-    quant: Any = args.quant
-    if args.blocksize is not None or args.double_quant is not None:
-        if quant == "none":
-            parser.error("--blocksize/--double-quant need a quantized base")
-        saved = (read_qlora_config(args.adapter) or {}).get("quant") or {}
-        fields = {**saved}
-        if quant != "auto":
-            fields["quant_type"] = quant
-        if args.blocksize is not None:
-            fields["blocksize"] = args.blocksize
-        if args.double_quant is not None:
-            fields["double_quant"] = args.double_quant == "true"
-        quant = QuantConfig(**fields)
-    try:
-        out = export_merged(
-            args.base,
-            args.adapter,
-            args.out,
-            args.dtype,
-            args.max_shard_size,
-            args.device,
-            quant,
-            args.tokenizer,
-        )
-    except ValueError as err:
-        print(f"lightning-qlora-export: error: {err}", file=sys.stderr)
-        return 2
-    print(f"merged model ({dtype_name(as_dtype(args.dtype, 'dtype'))}) written to {out}")
-    return 0
-
-
 __all__ = [
-    "AdapterCheckpoint",
-    "export_main",
-    "export_merged",
+    "adapter_lora_config",
+    "hf_root",
     "load_adapter",
-    "load_model",
     "merge_adapter",
     "read_adapter_config",
+    "read_qlora_config",
     "save_adapter",
+    "target_names",
 ]

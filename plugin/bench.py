@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 MODELS: dict[str, dict[str, Any]] = {
     "7b": dict(
@@ -145,103 +146,97 @@ def _batches(model: str, n: int, device: torch.device) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device) for _ in range(n)]
 
 
+def app_overrides(directory: Path, quant: bool, device: torch.device, extra: list[str] = ()) -> list[str]:
+    """The Hydra overrides that make ``lightning-qlora`` train this checkpoint as the bench measures it."""
+    return [
+        "model=local",
+        f"model.name_or_path={directory}",
+        "model.tokenizer=byte",  # the random checkpoints ship none; only its pad id is used
+        "model.gradient_checkpointing=true",  # TODO(activation_checkpointing)
+        "model.attn_implementation=sdpa",
+        "quant=nf4_dq" if quant else "quant=none",
+        f"quant.compute_dtype={'bfloat16' if device.type == 'cuda' else 'float32'}",
+        f"lora.r={LORA['r']}",
+        f"lora.alpha={LORA['alpha']}",
+        "lora.dropout=0.0",
+        f"optimizer.lr={LR}",
+        "optimizer.scheduler=constant",
+        "optimizer.warmup_ratio=0.0",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "trainer.gradient_clip_val=null",
+        "trainer.accumulate_grad_batches=1",
+        "output_dir=" + str(directory / "app-run"),
+        *extra,
+    ]
+
+
 def run_ours(
-    model: str, directory: Path, device: torch.device, steps: int, warmup: int, quant: bool
+    model: str, directory: Path, device: torch.device, steps: int, warmup: int, quant: bool, extra=()
 ) -> Result:
+    """The shipped path: ``CausalLMModule`` + ``QLoRAPrecision`` built by the Hydra app's own builders."""
     import lightning as L
-    import transformers
 
-    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
-    from lightning_qlora.loss import causal_lm_loss
-    from lightning_qlora.module import compile_blocks
+    from lightning_qlora.builders import build_module, build_plugin, build_tokenizer, compose_recipe
 
-    # What CausalLMModule(compile="auto") does: compile the blocks on CUDA, stay eager on a CPU.
-    default = device.type == "cuda"
-    compile_blocks_flag = {"1": True, "0": False}.get(os.environ.get("QLORA_BENCH_COMPILE", ""), default)
-
-    if os.environ.get("QLORA_BENCH_UNFUSED"):
-        import lightning_qlora.lora
-
-        lightning_qlora.lora._FUSED = False
+    cfg = compose_recipe("default", app_overrides(directory, quant, device, list(extra)))
+    if os.environ.get("QLORA_BENCH_COMPILE") in ("0", "1"):
+        cfg.model.compile = os.environ["QLORA_BENCH_COMPILE"] == "1"
+    plugin = build_plugin(cfg)
+    module = build_module(cfg, build_tokenizer(cfg))
     times: list[float] = []
-    losses: list[float] = []
+    losses: list[Tensor] = []
     load: dict[str, float] = {}
     profile = bool(os.environ.get("QLORA_BENCH_PROFILE"))
 
-    class BenchLM(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = None
-
-        def configure_model(self) -> None:
-            if self.model is not None:
-                return
+    class StepTimer(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             _reset_peak(device)
             load["t0"] = time.perf_counter()
-            # Built on the host (memory-mapped safetensors); the plugin quantizes each layer as the
-            # Trainer moves it to the GPU, so the 16-bit model never sits on the GPU whole.
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                directory, dtype=torch.bfloat16, device_map="cpu", attn_implementation="sdpa"
-            )
-            self.model.config.use_cache = False
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.train()
-            if compile_blocks_flag:
-                compile_blocks(self.model)
 
-        def on_fit_start(self) -> None:
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             _sync(device)
             load["s"] = time.perf_counter() - load["t0"]
             load["peak"] = _peak(device)
             _reset_peak(device)
 
-        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-            hidden = self.model.model(input_ids=batch).last_hidden_state
-            loss = causal_lm_loss(hidden, self.model.lm_head.weight, batch)
-            losses.append(loss.detach())
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=LR)
-
-    class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
             if profile and trainer.global_step == warmup:
                 self.profiler = torch.profiler.profile(activities=_profiler_activities(device)).__enter__()
             _sync(device)
             self.t0 = time.perf_counter()
 
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        def on_train_batch_end(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, *args
+        ) -> None:
             _sync(device)
             times.append(time.perf_counter() - self.t0)
+            losses.append(outputs["loss"].detach())
             if profile and trainer.global_step == warmup + 1:
                 self.profiler.__exit__(None, None, None)
                 _print_profile(self.profiler, device)
 
-    precision = QLoRAPrecision(
-        quant=QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
-        if quant
-        else None,
-        lora=LoRAConfig(r=LORA["r"], alpha=LORA["alpha"], target_modules="all-linear"),
-        compute_dtype=torch.bfloat16,
-    )
     trainer = L.Trainer(
-        accelerator="cuda" if device.type == "cuda" else "cpu",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
-        plugins=[precision],
+        plugins=[plugin],
         max_steps=warmup + steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[StepTimer()],
     )
-    data = _batches(model, warmup + steps, torch.device("cpu"))
-    trainer.fit(BenchLM(), torch.utils.data.DataLoader(data, batch_size=None))
+    # Batches as the app's packed data gives them: ids, an all-ones mask, labels.
+    data = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        for ids in _batches(model, warmup + steps, torch.device("cpu"))
+    ]
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     result = _result(
         model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device
     )
-    result.compiled = compile_blocks_flag
+    result.compiled = bool(getattr(module.model, "_blocks_compiled", False))
     return result
 
 
@@ -470,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     if args.report:
         with open(args.report, "a") as fh:
-            fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M')} UTC\n\n{text}")
+            fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
     if any(r.error for r in results):

@@ -2,7 +2,8 @@
 
 They log through ``pl_module.log`` (so they share the step's logger row and Lightning's
 ``log_every_n_steps``) or ``logger.log_hyperparams``, hence work with every Lightning logger;
-W&B gets the end-of-run summary in ``run.summary`` as well.
+W&B gets the end-of-run summary in ``run.summary`` as well. ``AdapterCheckpoint`` writes the
+adapters in PEFT's format whenever the Trainer checkpoints.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import psutil
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from .adapters import save_adapter
 
 GIB = 1024**3
 
@@ -324,3 +328,42 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         print(f"lightning-qlora: warning: {message}", file=sys.stderr)
+
+
+class AdapterCheckpoint(Callback):
+    """Writes the adapter in PEFT's format at each checkpoint and at the end.
+
+    ``<dirpath>/step-<N>`` is written whenever the Trainer saves a checkpoint, and ``<dirpath>/final``
+    when fitting ends; each loads with ``peft.PeftModel.from_pretrained`` and
+    :func:`~lightning_qlora.adapters.load_adapter`. Rank zero writes. Under FSDP the adapters must be
+    unsharded first (not handled here).
+
+    Args:
+        dirpath: where the adapters go; default ``<trainer.log_dir or default_root_dir>/adapters``.
+        base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model's own).
+    """
+
+    def __init__(self, dirpath: str | os.PathLike | None = None, base_model_name_or_path: str | None = None):
+        self.dirpath = dirpath
+        self.base_model_name_or_path = base_model_name_or_path
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = (
+            Path(self.dirpath)
+            if self.dirpath is not None
+            else Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
+        )
+        plugin = trainer.precision_plugin
+        save_adapter(
+            pl_module, root / name, self.base_model_name_or_path, plugin if hasattr(plugin, "lora") else None
+        )
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._save(trainer, pl_module, f"step-{trainer.global_step}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module, "final")

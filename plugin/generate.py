@@ -2,7 +2,7 @@
 
 :func:`generate` works on any HF causal LM, including one converted by ``QLoRAPrecision`` (the
 4-bit forward runs on CPU too) or wrapped in a LightningModule; the console script
-``lightning-qlora-generate`` builds the model with :func:`lightning_qlora.adapters.load_model`.
+``lightning-qlora-generate`` builds the model with :func:`lightning_qlora.export.load_model`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import hf_root, load_model
+from .adapters import hf_root
+from .export import load_model
 
 
 @torch.no_grad()
@@ -129,15 +130,8 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _tokenizer(name: str) -> Any:
-    try:
-        from .tokenizer import load_tokenizer
-    except ImportError:
-        from transformers import AutoTokenizer
+    from .data import load_tokenizer  # it gives tokenizers without a pad token their EOS as pad
 
-        tok = AutoTokenizer.from_pretrained(name)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
     return load_tokenizer(name)
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit, _parent, named_linears, weight_value
+from .nf4 import Linear4bit, named_linears, parent_module, weight_value
 
 
 @dataclass
 class LoRAConfig:
-    """Which layers get adapters, and their shape.
+    """Which layers get adapters, and their shape. Also the Hydra schema of the ``lora`` group.
 
     Args:
         r: adapter rank (> 0).
@@ -35,10 +35,10 @@ class LoRAConfig:
     """
 
     r: int = 8
-    alpha: float = 16
+    alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: Any = "all-linear"
-    exclude_modules: Sequence[str] = field(default_factory=tuple)
+    target_modules: Any = "all-linear"  # Any: a string or a list of names (OmegaConf has no union type)
+    exclude_modules: list[str] = field(default_factory=list)
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -55,11 +55,12 @@ class LoRAConfig:
                     "lora.target_modules is empty; use 'all-linear', a list of names, or a regex"
                 )
         if isinstance(self.exclude_modules, str):
-            self.exclude_modules = (self.exclude_modules,)
-        self.exclude_modules = tuple(self.exclude_modules)
+            self.exclude_modules = [self.exclude_modules]
+        self.exclude_modules = list(self.exclude_modules)
 
     @property
     def scaling(self) -> float:
+        """The factor on ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. Its one definition."""
         return float(self.alpha) / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,26 +81,38 @@ class LoRALinear(nn.Module):
     """``base_layer(x) + dropout(x) @ A.T @ B.T * scaling`` with ``base_layer`` frozen.
 
     A is initialised Kaiming-uniform and B to zero, so before the first step the layer reproduces
-    its base exactly.
+    its base exactly. The layer keeps its :class:`LoRAConfig` (as PEFT and torchtune layers do), so
+    alpha and rsLoRA are read back from it, never inferred from ``scaling``.
+
+    Args:
+        base_layer: the frozen linear layer (``nn.Linear`` or :class:`~lightning_qlora.Linear4bit`).
+        config: rank, alpha, dropout and rsLoRA; built from ``settings`` (``r=16, alpha=32``) if not given.
     """
 
-    def __init__(
-        self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False
-    ):
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig | None = None, **settings: Any):
         super().__init__()
+        self.config = config if config is not None else LoRAConfig(**settings)
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.r = r
-        self.scaling = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        r = self.config.r
         device = _device_of(base_layer)
         # Adapters start on the base's device; a meta base gets meta adapters, materialised later.
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        dropout = self.config.dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
         self._register_load_state_dict_pre_hook(_route_base_keys)
+
+    @property
+    def r(self) -> int:
+        return self.config.r
+
+    @property
+    def scaling(self) -> float:
+        return self.config.scaling
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
@@ -240,15 +253,17 @@ def find_targets(model: nn.Module, config: LoRAConfig, head_names: Sequence[str]
 def inject_lora(model: nn.Module, config: LoRAConfig, targets: Sequence[str]) -> None:
     """Wraps each named linear layer of ``model`` in a :class:`LoRALinear`, in place."""
     for name in targets:
-        parent, attr = _parent(model, name)
-        base = getattr(parent, attr)
-        setattr(parent, attr, LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora))
+        parent, attr = parent_module(model, name)
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), config))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the adapter weights, keyed by their names in ``model``."""
-    return {k: v for k, v in model.state_dict(keep_vars=False).items() if ".lora_A." in k or ".lora_B." in k}
+ADAPTER_PARTS = ("lora_A", "lora_B")
+
+
+def is_adapter_key(name: str) -> bool:
+    """True for a parameter or state-dict key of an adapter (``...q_proj.lora_A.weight``)."""
+    return any(f".{part}." in f".{name}" for part in ADAPTER_PARTS)

@@ -16,6 +16,7 @@ from typing import Any
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
+from lightning.fabric.plugins.precision.utils import _ClassReplacementContextManager
 from torch import Tensor, nn
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -49,27 +50,32 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class QuantConfig:
-    """How the frozen base weights are quantized.
+    """How the frozen base weights are quantized. Also the Hydra schema of the ``quant`` group.
 
     Args:
+        enabled: ``False`` keeps the base weights in ``compute_dtype``: plain 16-bit LoRA through the
+            same plugin (the ``quant=none`` option; ``QLoRAPrecision(quant=None)`` in Python).
         quant_type: ``"nf4"`` (4-bit NormalFloat, the QLoRA format) or ``"fp4"``.
         double_quant: quantize the per-block absmax constants to 8 bits in blocks of 256
             (about 0.37 bits per weight saved at block size 64).
         blocksize: weights per absmax constant; a power of two from 32 to 4096.
         compute_dtype: dtype the weights are dequantized to and matrix products run in; also the
-            dtype of every parameter that is not quantized and not an adapter.
+            dtype of every parameter that is not quantized and not an adapter. A name
+            (``"bfloat16"``) or a ``torch.dtype``; held as a ``torch.dtype`` once built.
         quant_storage: dtype that holds the packed 4-bit data. ``uint8`` by default; the compute
             dtype lets FSDP shard 4-bit weights together with 16-bit ones.
         skip_modules: names (or name suffixes) of linear layers kept in 16-bit; the output head by
             default, whose error would hit every logit.
     """
 
+    enabled: bool = True
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
-    compute_dtype: Any = torch.bfloat16
-    quant_storage: Any = torch.uint8
-    skip_modules: tuple[str, ...] = field(default_factory=lambda: ("lm_head",))
+    # Any: a Hydra config holds the name, the built object a torch.dtype (OmegaConf has no dtype type).
+    compute_dtype: Any = "bfloat16"
+    quant_storage: Any = "uint8"
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -89,12 +95,13 @@ class QuantConfig:
                 f"quant.quant_storage={self.quant_storage} is not supported; use uint8 or a floating dtype"
             )
         if isinstance(self.skip_modules, str):
-            self.skip_modules = (self.skip_modules,)
-        self.skip_modules = tuple(self.skip_modules)
+            self.skip_modules = [self.skip_modules]
+        self.skip_modules = list(self.skip_modules)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, checkpoint-safe form (dtypes as strings)."""
+        """Plain, checkpoint-safe form (dtypes as strings); ``QuantConfig(**to_dict())`` rebuilds it."""
         return {
+            "enabled": self.enabled,
             "quant_type": self.quant_type,
             "double_quant": self.double_quant,
             "blocksize": self.blocksize,
@@ -241,7 +248,7 @@ class Linear4bit(nn.Module):
         layer.target_device = getattr(linear, "target_device", linear.weight.device)
         return layer
 
-    def quant_config(self, skip_modules: tuple[str, ...] = ()) -> QuantConfig:
+    def quant_config(self, skip_modules: Sequence[str] = ()) -> QuantConfig:
         """The settings this layer was quantized with."""
         return QuantConfig(
             quant_type=self.quant_type,
@@ -249,7 +256,7 @@ class Linear4bit(nn.Module):
             blocksize=self.blocksize,
             compute_dtype=self.compute_dtype,
             quant_storage=self.weight.quant_storage,
-            skip_modules=skip_modules,
+            skip_modules=list(skip_modules),
         )
 
     @property
@@ -402,7 +409,7 @@ def quantize_linears(
             )
         chosen.append(name)
     for name in chosen:
-        parent, attr = _parent(module, name)
+        parent, attr = parent_module(module, name)
         setattr(parent, attr, Linear4bit.from_linear(getattr(parent, attr), config))
     return chosen
 
@@ -413,13 +420,25 @@ def _largest_blocksize(width: int) -> int:
 
 
 def named_linears(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``nn.Linear`` and :class:`Linear4bit` layers with their qualified names (adapters excluded)."""
-    for name, child in module.named_modules():
-        if isinstance(child, (nn.Linear, Linear4bit)) and ".lora_" not in f".{name}":
+    """``nn.Linear`` and :class:`Linear4bit` layers with their qualified names.
+
+    An adapted layer (any wrapper with a ``base_layer``: ours or PEFT's) contributes its base only:
+    the adapters inside it are never quantized, targeted or merged as if they were base layers.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, (nn.Linear, Linear4bit)):
             yield name, child
+        elif isinstance(getattr(child, "base_layer", None), nn.Module):
+            base = child.base_layer
+            if isinstance(base, (nn.Linear, Linear4bit)):
+                yield f"{name}.base_layer", base
+            else:
+                yield from ((f"{name}.base_layer.{n}", m) for n, m in named_linears(base))
+        else:
+            yield from ((f"{name}.{n}", m) for n, m in named_linears(child))
 
 
-def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_module(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (root.get_submodule(parent_name) if parent_name else root), attr
 
@@ -504,18 +523,12 @@ class DeferredLinear(nn.Linear):
             missing_keys.append(bias_key)
 
 
-class deferred_linear_init:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Makes ``torch.nn.Linear`` build :class:`DeferredLinear` layers while active.
+def deferred_linear_init() -> _ClassReplacementContextManager:
+    """Makes ``torch.nn.Linear`` build :class:`DeferredLinear` layers while active (Lightning's class swap).
 
     Like every class swap, it cannot reach code that did ``from torch.nn import Linear`` before the
     context was entered; such layers are still converted later, only staged where they were built.
     """
-
-    def __enter__(self) -> deferred_linear_init:
-        self._saved = (torch.nn.Linear, torch.nn.modules.linear.Linear)
-        torch.nn.Linear = DeferredLinear
-        torch.nn.modules.linear.Linear = DeferredLinear
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.nn.Linear, torch.nn.modules.linear.Linear = self._saved
+    return _ClassReplacementContextManager(
+        {"torch.nn.Linear": DeferredLinear, "torch.nn.modules.linear.Linear": DeferredLinear}
+    )

@@ -13,8 +13,9 @@ from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.plugins.precision import Precision
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_module_registration_hook
+from typing_extensions import override
 
-from .lora import LoRAConfig, find_targets, inject_lora, lora_layers
+from .lora import LoRAConfig, find_targets, inject_lora, is_adapter_key, lora_layers
 from .nf4 import QuantConfig, as_dtype, deferred_linear_init, dtype_name, named_linears, quantize_linears
 
 _DEFAULT: Any = object()
@@ -28,7 +29,8 @@ class QLoRAPrecision(Precision):
         trainer = L.Trainer(plugins=[QLoRAPrecision(lora=LoRAConfig(r=16))])
 
     Args:
-        quant: how base weights are quantized; ``None`` keeps them in 16-bit (plain LoRA, same code).
+        quant: how base weights are quantized; ``None`` (or ``enabled=False``) keeps them in 16-bit:
+            plain LoRA, same code.
         lora: which linear layers get adapters, and their rank.
         compute_dtype: dtype of the forward pass with ``quant=None`` (else ``quant.compute_dtype``).
     """
@@ -41,7 +43,11 @@ class QLoRAPrecision(Precision):
     ) -> None:
         if quant is _DEFAULT:
             quant = QuantConfig()
-        self.quant = QuantConfig(**quant) if isinstance(quant, dict) else quant
+        quant = QuantConfig(**quant) if isinstance(quant, dict) else quant
+        if quant is not None and not quant.enabled:  # 16-bit LoRA; its compute dtype still applies
+            compute_dtype = compute_dtype if compute_dtype is not None else quant.compute_dtype
+            quant = None
+        self.quant = quant
         self.lora = LoRAConfig(**lora) if isinstance(lora, dict) else (lora or LoRAConfig())
         if compute_dtype is not None:
             self.dtype = as_dtype(compute_dtype, "compute_dtype")
@@ -55,6 +61,7 @@ class QLoRAPrecision(Precision):
         base = "16bit" if self.quant is None else self.quant.quant_type
         self.precision = f"{base}-lora-{dtype_name(self.dtype)}"  # e.g. "nf4-lora-bfloat16"
 
+    @override
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Quantizes, then adds adapters, then freezes all but the adapters. Idempotent."""
         if getattr(module, "_qlora_converted", False):
@@ -72,7 +79,7 @@ class QLoRAPrecision(Precision):
                     param.data = param.data.to(self.dtype)
             inject_lora(module, self.lora, targets)
         for name, param in module.named_parameters():
-            param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+            param.requires_grad_(is_adapter_key(name))
         _checkpoint_only_adapters(module)
         module._qlora_converted = True
         return module
@@ -80,6 +87,7 @@ class QLoRAPrecision(Precision):
     def _skip_modules(self) -> tuple[str, ...]:
         return self.quant.skip_modules if self.quant is not None else ("lm_head",)
 
+    @override
     def tensor_init_context(self) -> AbstractContextManager:
         """Builds linear layers off the accelerator (or on meta under ``empty_init``) and converts the model on exit.
 
@@ -88,6 +96,7 @@ class QLoRAPrecision(Precision):
         """
         return self._init_context()
 
+    @override
     def module_init_context(self) -> AbstractContextManager:
         return self._init_context()
 
@@ -116,12 +125,15 @@ class QLoRAPrecision(Precision):
             if key not in children and any(True for _ in named_linears(root)):
                 self.convert_module(root)
 
+    @override
     def forward_context(self) -> Any:
         return _DtypeContextManager(self.dtype)
 
+    @override
     def convert_input(self, data: Any) -> Any:
         return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "quant": None if self.quant is None else self.quant.to_dict(),
@@ -129,6 +141,7 @@ class QLoRAPrecision(Precision):
             "compute_dtype": dtype_name(self.dtype),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuses a checkpoint whose adapters or quantization differ from this plugin's."""
         mine = self.state_dict()
@@ -148,10 +161,6 @@ class QLoRAPrecision(Precision):
             )
 
 
-def _is_adapter_key(key: str) -> bool:
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def _checkpoint_only_adapters(module: nn.Module) -> None:
     """Makes ``module.state_dict()`` hold the trainable weights only, and loading tolerate the rest.
 
@@ -164,17 +173,17 @@ def _checkpoint_only_adapters(module: nn.Module) -> None:
     ) -> None:
         trainable = {prefix + name for name, p in mod.named_parameters() if p.requires_grad}
         for key in [k for k in state_dict if k.startswith(prefix)]:
-            if key not in trainable and not _is_adapter_key(key):
+            if key not in trainable and not is_adapter_key(key):
                 del state_dict[key]
 
     loading_adapters = [True]
 
     def check_adapter_shapes(mod: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
-        loading_adapters[0] = any(_is_adapter_key(k) for k in state_dict)
+        loading_adapters[0] = any(is_adapter_key(k) for k in state_dict)
         # One clear message instead of torch's wall of size mismatches, e.g. when resuming with another rank.
         params = dict(mod.named_parameters(prefix=prefix.rstrip(".")))
         for key, value in state_dict.items():
-            if _is_adapter_key(key) and key in params and params[key].shape != value.shape:
+            if is_adapter_key(key) and key in params and params[key].shape != value.shape:
                 ckpt_r, model_r = min(value.shape), min(params[key].shape)
                 raise ValueError(
                     f"the checkpoint's adapters do not fit this model: {key} is {tuple(value.shape)} in the "
@@ -185,9 +194,7 @@ def _checkpoint_only_adapters(module: nn.Module) -> None:
     def ignore_missing_base(mod: nn.Module, incompatible: Any) -> None:
         # A state dict with adapters (a resume) must hold all of them; one without (base weights
         # loaded into a model built empty) leaves the fresh adapters as they are.
-        tolerated = [
-            k for k in incompatible.missing_keys if not _is_adapter_key(k) or not loading_adapters[0]
-        ]
+        tolerated = [k for k in incompatible.missing_keys if not is_adapter_key(k) or not loading_adapters[0]]
         for key in tolerated:
             incompatible.missing_keys.remove(key)
 

@@ -15,22 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny import MICRO_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-# A micro Llama: 64 wide (the smallest width the default 64-block NF4 accepts), 1 layer; vocab_size is
-# the byte tokenizer's 262.
-MICRO_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
 
 # Overrides that shrink any recipe to seconds on a CPU: micro model, few rows, few steps, no sanity check.
 MICRO_RUN = [
@@ -75,7 +63,7 @@ def micro_overrides(**extra: Any) -> list[str]:
 @pytest.fixture(scope="session")
 def micro_llama_config() -> dict[str, Any]:
     """Config kwargs of the micro Llama (with the byte tokenizer's vocab size)."""
-    from lightning_qlora.tokenizer import build_byte_tokenizer
+    from lightning_qlora.data import build_byte_tokenizer
 
     return {**MICRO_LLAMA, "vocab_size": len(build_byte_tokenizer())}
 
@@ -86,7 +74,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, micro_llama_config:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lightning_qlora.tokenizer import build_byte_tokenizer
+    from lightning_qlora.data import build_byte_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     kwargs = dict(micro_llama_config)
@@ -125,10 +113,10 @@ def compose() -> Iterator[Callable[..., Any]]:
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import lightning_qlora.train as train  # registers the schemas
+    from lightning_qlora.config import RECIPES_MODULE  # importing it registers the schema
 
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=train.RECIPES_MODULE, version_base="1.3"):
+    with initialize_config_module(config_module=RECIPES_MODULE, version_base="1.3"):
         yield lambda name="default", overrides=(): hydra_compose(config_name=name, overrides=list(overrides))
 
 

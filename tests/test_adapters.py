@@ -17,14 +17,13 @@ from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    AdapterCheckpoint,
-    export_main,
-    export_merged,
     load_adapter,
-    load_model,
     merge_adapter,
     save_adapter,
 )
+from lightning_qlora.callbacks import AdapterCheckpoint
+from lightning_qlora.export import export_merged, load_model
+from lightning_qlora.export import main as export_main
 from lightning_qlora.lora import lora_layers
 
 VOCAB = 272  # the byte tokenizer's 262 ids fit

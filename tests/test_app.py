@@ -10,6 +10,7 @@ import torch
 from conftest import micro_overrides, write_jsonl
 from safetensors.torch import load_file
 
+from lightning_qlora import builders as B
 from lightning_qlora import train as T
 
 
@@ -67,11 +68,11 @@ def test_a_saved_model_loads_back_through_from_pretrained(compose, tiny_llama_di
             "model.tokenizer=null",
         ],
     )
-    T.check_model_source(cfg)
-    tokenizer = T.build_tokenizer(cfg)
+    B.check_model_source(cfg)
+    tokenizer = B.build_tokenizer(cfg)
     assert len(tokenizer) == 262  # the tokenizer saved with the model
-    plugin = T.build_plugin(cfg)
-    module = T.build_module(cfg, tokenizer)
+    plugin = B.build_plugin(cfg)
+    module = B.build_module(cfg, tokenizer)
     with plugin.module_init_context():
         module.configure_model()
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)

@@ -7,7 +7,7 @@ from tiny import tiny_llama_config
 from torch import nn
 
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
-from lightning_qlora.loss import causal_lm_loss
+from lightning_qlora.loss import linear_cross_entropy
 from lightning_qlora.module import compile_blocks
 from lightning_qlora.nf4 import dequantize, dequantize_packed, packed_weight
 
@@ -71,7 +71,7 @@ def _train(compiled: bool, steps: int = 3) -> list[float]:
     losses = []
     for _ in range(steps):
         hidden = model.model(input_ids=ids).last_hidden_state
-        loss = causal_lm_loss(hidden, model.lm_head.weight, ids)
+        loss = linear_cross_entropy(hidden, model.lm_head.weight, ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -106,7 +106,7 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
                 nn.init.normal_(layer.lora_B.weight, std=0.02)  # so A gets a gradient too
         if compiled:
             compile_blocks(model)
-        loss = causal_lm_loss(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, ids)
+        loss = linear_cross_entropy(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, ids)
         loss.backward()
         return {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 

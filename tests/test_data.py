@@ -1,5 +1,6 @@
 """Data module and tokenizer: formats, loss masks, packing, splits, caching, bad input."""
 
+import dataclasses
 import json
 
 import datasets
@@ -8,8 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lightning_qlora.data import IGNORE_INDEX, InstructDataModule
-from lightning_qlora.tokenizer import build_byte_tokenizer, load_tokenizer
+from lightning_qlora.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    InstructDataModule,
+    build_byte_tokenizer,
+    load_tokenizer,
+)
 
 datasets.disable_progress_bars()
 
@@ -327,3 +333,40 @@ def test_bad_settings(tmp_path, tok):
         dm_for(tmp_path, tok, path)
     with pytest.raises(ValueError, match=r"val_split 'validation'.*single file"):
         dm_for(tmp_path, tok, write_jsonl(tmp_path / "e.jsonl", ROWS), val_split="validation")
+
+
+def test_data_config_is_the_one_declaration(tmp_path, tok):
+    """Every DataConfig field is a setting of the module, given as a config or as keywords."""
+    settings = {
+        "path": str(write_jsonl(tmp_path / "d.jsonl", ROWS * 2)),
+        "name": None,
+        "format": "instruction",
+        "train_split": "train",
+        "val_split": None,
+        "val_fraction": 0.25,
+        "max_length": 64,
+        "train_on_prompt": True,
+        "packing": True,
+        "batch_size": 2,
+        "num_workers": 0,
+        "prompt_template": "short",
+        "text_field": "body",
+        "max_samples": 8,
+        "seed": 7,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    assert set(settings) == {f.name for f in dataclasses.fields(DataConfig)}
+    config = DataConfig(**settings)
+    dm = InstructDataModule(tok, config)
+    assert dm.config == config
+    assert InstructDataModule(tok, **settings).config == config
+    assert InstructDataModule(tok, config, batch_size=3).config == dataclasses.replace(config, batch_size=3)
+    dm.setup()
+    assert (dm.stats["train_rows"], dm.stats["val_rows"]) == (6, 2)  # max_samples, val_fraction
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (2, 64)  # batch_size, packing
+    assert InstructDataModule(tok).config == DataConfig()  # the defaults are DataConfig's
+    for key, bad in (("batch_size", 0), ("max_length", 0), ("val_fraction", 1.0), ("num_workers", -1)):
+        with pytest.raises(ValueError, match=rf"^data\.{key} .*got {bad}"):
+            InstructDataModule(tok, **{key: bad})
+    with pytest.raises(TypeError, match="DataConfig"):
+        InstructDataModule(tok, {"batch_size": 2})

@@ -10,9 +10,10 @@ import transformers
 from tiny import save_tiny_llama
 
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
-from lightning_qlora.adapters import export_merged, save_adapter
+from lightning_qlora.adapters import save_adapter
+from lightning_qlora.data import build_byte_tokenizer
+from lightning_qlora.export import export_merged
 from lightning_qlora.generate import generate, main, read_prompts
-from lightning_qlora.tokenizer import build_byte_tokenizer
 
 VOCAB = 272
 

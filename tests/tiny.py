@@ -8,15 +8,21 @@ from typing import Any
 import torch
 import transformers
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+from lightning_qlora.bench import MODELS
+
+# The one tiny Llama of the suite, shared with the benchmark's CPU harness: 64 wide (the smallest width
+# the default 64-block NF4 accepts), 2 layers.
+TINY: dict[str, Any] = dict(MODELS["tiny"]["config"])
+
+# The micro Llama the Hydra tests build from a config: the tiny one with 1 layer, untied head, and no
+# vocab_size (a model built from a config takes the tokenizer's).
+MICRO_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    **{k: v for k, v in TINY.items() if k != "vocab_size"},
+    "num_hidden_layers": 1,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
 
 
 def tiny_llama_config(**overrides: Any) -> transformers.LlamaConfig:
@@ -31,7 +37,7 @@ def save_tiny_llama(
     model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(**overrides))
     model.save_pretrained(path)
     if tokenizer:
-        from lightning_qlora.tokenizer import build_byte_tokenizer
+        from lightning_qlora.data import build_byte_tokenizer
 
         build_byte_tokenizer().save_pretrained(path)
     return model

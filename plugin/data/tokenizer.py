@@ -7,10 +7,11 @@ anywhere. It maps every UTF-8 byte to its own token, hence round-trips any text.
 from __future__ import annotations
 
 import os
-import re
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..hub import is_hub_id
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -26,9 +27,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-# A hub id is "name" or "owner/name" with no path-like parts.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -100,7 +98,7 @@ def load_tokenizer(name_or_path: str | None = None) -> PreTrainedTokenizerBase:
     if name_or_path is None or name_or_path == "byte":
         return build_byte_tokenizer()
     path = os.path.expanduser(name_or_path)
-    if not os.path.exists(path) and not _HUB_ID.match(name_or_path):
+    if not os.path.exists(path) and not is_hub_id(name_or_path):
         raise FileNotFoundError(
             f"tokenizer '{name_or_path}' is not an existing path nor a hub id like 'owner/name'; "
             "use 'byte' (or null) for the built-in byte tokenizer"
