@@ -106,6 +106,9 @@ class Result:
     loss_last: float
     error: str = ""
     compiled: bool = False
+    batch: int = 0
+    budget_gib: float = 0.0  # 0: no budget
+    checkpointing: str = ""
 
 
 def _gib(n: float) -> float:
@@ -139,11 +142,12 @@ def prepare_checkpoint(model: str, directory: Path, device: torch.device) -> Non
     lm.save_pretrained(directory)
 
 
-def _batches(model: str, n: int, device: torch.device) -> list[torch.Tensor]:
+def _batches(model: str, n: int, device: torch.device, batch: int = 0) -> list[torch.Tensor]:
     spec = MODELS[model]
     g = torch.Generator().manual_seed(0)
     vocab = spec["config"]["vocab_size"]
-    return [torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g).to(device) for _ in range(n)]
+    shape = (batch or spec["batch"], spec["seq"])
+    return [torch.randint(0, vocab, shape, generator=g).to(device) for _ in range(n)]
 
 
 def app_overrides(directory: Path, quant: bool, device: torch.device, extra: list[str] = ()) -> list[str]:
@@ -152,7 +156,7 @@ def app_overrides(directory: Path, quant: bool, device: torch.device, extra: lis
         "model=local",
         f"model.name_or_path={directory}",
         "model.tokenizer=byte",  # the random checkpoints ship none; only its pad id is used
-        "model.gradient_checkpointing=true",  # TODO(activation_checkpointing)
+        "model.activation_checkpointing=full",
         "model.attn_implementation=sdpa",
         "quant=nf4_dq" if quant else "quant=none",
         f"quant.compute_dtype={'bfloat16' if device.type == 'cuda' else 'float32'}",
@@ -171,14 +175,24 @@ def app_overrides(directory: Path, quant: bool, device: torch.device, extra: lis
 
 
 def run_ours(
-    model: str, directory: Path, device: torch.device, steps: int, warmup: int, quant: bool, extra=()
+    model: str,
+    directory: Path,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    quant: bool,
+    batch: int = 0,
+    budget_gib: float = 0.0,
 ) -> Result:
     """The shipped path: ``CausalLMModule`` + ``QLoRAPrecision`` built by the Hydra app's own builders."""
     import lightning as L
 
     from lightning_qlora.builders import build_module, build_plugin, build_tokenizer, compose_recipe
 
-    cfg = compose_recipe("default", app_overrides(directory, quant, device, list(extra)))
+    extra = (
+        ["model.activation_checkpointing=auto", f"model.max_memory_gib={budget_gib}"] if budget_gib else []
+    )
+    cfg = compose_recipe("default", app_overrides(directory, quant, device, extra))
     if os.environ.get("QLORA_BENCH_COMPILE") in ("0", "1"):
         cfg.model.compile = os.environ["QLORA_BENCH_COMPILE"] == "1"
     plugin = build_plugin(cfg)
@@ -230,13 +244,20 @@ def run_ours(
     # Batches as the app's packed data gives them: ids, an all-ones mask, labels.
     data = [
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-        for ids in _batches(model, warmup + steps, torch.device("cpu"))
+        for ids in _batches(model, warmup + steps, torch.device("cpu"), batch)
     ]
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     result = _result(
-        model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device
+        model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device, batch
     )
     result.compiled = bool(getattr(module.model, "_blocks_compiled", False))
+    est = module.checkpointing_estimate
+    result.checkpointing = (
+        f"{est.checkpointing}/{est.every_n_layers} (est. {est.total / 2**30:.2f} GiB)"
+        if est is not None
+        else cfg.model.activation_checkpointing
+    )
+    result.budget_gib = budget_gib
     return result
 
 
@@ -250,7 +271,9 @@ def _print_profile(prof: Any, device: torch.device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70), flush=True)
 
 
-def run_peft(model: str, directory: Path, device: torch.device, steps: int, warmup: int, mode: str) -> Result:
+def run_peft(
+    model: str, directory: Path, device: torch.device, steps: int, warmup: int, mode: str, batch: int = 0
+) -> Result:
     import transformers
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -292,27 +315,30 @@ def run_peft(model: str, directory: Path, device: torch.device, steps: int, warm
     optimizer = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=LR)
     autocast = mode in ("peft", "peft16")
     times, losses = [], []
-    for batch in _batches(model, warmup + steps, device):
+    for ids in _batches(model, warmup + steps, device, batch):
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = lm(input_ids=batch, labels=batch).loss
+            loss = lm(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return _result(model, mode, times[warmup:], losses, load, device)
+    result = _result(model, mode, times[warmup:], losses, load, device, batch)
+    result.checkpointing = "full"
+    return result
 
 
-def _result(model, mode, times, losses, load, device) -> Result:
+def _result(model, mode, times, losses, load, device, batch: int = 0) -> Result:
     if not all(math.isfinite(x) for x in losses):
         raise FloatingPointError(
             f"{model}/{mode}: non-finite loss {losses}: a fast but wrong run is no result"
         )
     spec = MODELS[model]
-    tokens = spec["batch"] * spec["seq"]
+    batch = batch or spec["batch"]
+    tokens = batch * spec["seq"]
     step = statistics.median(times)
     return Result(
         model=model,
@@ -325,6 +351,7 @@ def _result(model, mode, times, losses, load, device) -> Result:
         load_peak_gib=_gib(load.get("peak", 0)),
         loss_first=losses[0],
         loss_last=losses[-1],
+        batch=batch,
     )
 
 
@@ -332,9 +359,12 @@ def worker(args: argparse.Namespace) -> None:
     device = torch.device("cuda", 0) if not args.cpu else torch.device("cpu")
     directory = Path(args.checkpoint)
     if args.mode in ("ours", "ours16"):
-        result = run_ours(args.models, directory, device, args.steps, args.warmup, quant=args.mode == "ours")
+        result = run_ours(
+            args.models, directory, device, args.steps, args.warmup, args.mode == "ours", args.batch,
+            args.max_memory_gib or 0.0,
+        )  # fmt: skip
     else:
-        result = run_peft(args.models, directory, device, args.steps, args.warmup, args.mode)
+        result = run_peft(args.models, directory, device, args.steps, args.warmup, args.mode, args.batch)
     print("RESULT " + json.dumps(asdict(result)), flush=True)
 
 
@@ -352,23 +382,81 @@ def _versions() -> str:
 
 
 def table(results: list[Result]) -> str:
+    """Markdown rows; ratios against the best reference (``peft``) row of the same model and budget."""
     rows = [
-        "| model | mode | tokens/step | tokens/s | vs peft | step s | peak GiB | vs peft | load s | load peak GiB | loss first→last |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | batch | checkpointing | tokens/s | vs peft | step s | peak GiB | vs peft | load s | "
+        "load peak GiB | loss first→last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref = next((x for x in results if x.model == r.model and x.mode == "peft" and not x.error), None)
+        refs = [x for x in results if x.model == r.model and x.mode == "peft" and not x.error
+                and x.budget_gib == r.budget_gib]  # fmt: skip
+        ref = max(refs, key=lambda x: x.tokens_per_s, default=None)
+        budget = f" (≤{r.budget_gib:g} GiB)" if r.budget_gib else ""
         if r.error:
-            rows.append(f"| {r.model} | {r.mode} | | failed: {r.error} | | | | | | | |")
+            rows.append(
+                f"| {r.model} | {r.mode}{budget} | {r.batch or ''} | | failed: {r.error} | | | | | | | |"
+            )
             continue
         speed = f"{r.tokens_per_s / ref.tokens_per_s:.2f}x" if ref else ""
         mem = f"{r.peak_gib / ref.peak_gib:.2f}x" if ref and ref.peak_gib else ""
-        mode = f"{r.mode} (compiled)" if r.compiled else r.mode
+        mode = (f"{r.mode} (compiled)" if r.compiled else r.mode) + budget
         rows.append(
-            f"| {r.model} | {mode} | {r.tokens_per_step} | {r.tokens_per_s:,.0f} | {speed} | {r.step_s:.3f} | "
-            f"{r.peak_gib:.2f} | {mem} | {r.load_s:.1f} | {r.load_peak_gib:.2f} | {r.loss_first:.3f}→{r.loss_last:.3f} |"
+            f"| {r.model} | {mode} | {r.batch} | {r.checkpointing} | {r.tokens_per_s:,.0f} | {speed} | "
+            f"{r.step_s:.3f} | {r.peak_gib:.2f} | {mem} | {r.load_s:.1f} | {r.load_peak_gib:.2f} | "
+            f"{r.loss_first:.3f}→{r.loss_last:.3f} |"
         )
     return "\n".join(rows)
+
+
+def _run_job(args: argparse.Namespace, name: str, mode: str, directory: Path, batch: int = 0,
+             budget: float = 0.0) -> Result:  # fmt: skip
+    """One (model, mode[, batch][, budget]) in a fresh process; a failure becomes a row, not a crash."""
+    cmd = [sys.executable, "-m", "lightning_qlora.bench", "--mode", mode, "--models", name,
+           "--checkpoint", str(directory), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(batch)]  # fmt: skip
+    if budget and mode in ("ours", "ours16"):
+        cmd += ["--max-memory-gib", str(budget)]
+    if args.cpu:
+        cmd.append("--cpu")
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"[bench] {name}/{mode} batch {batch or 'default'} FAILED:\n" + "\n".join(tail), flush=True)
+        oom = "OutOfMemoryError" in (proc.stderr or "")
+        return Result(name, mode, 0, 0, 0, 0, 0, 0, 0, 0, error="out of memory" if oom else " ".join(tail)[-200:],
+                      batch=batch, budget_gib=budget)  # fmt: skip
+    result = Result(**json.loads(line[len("RESULT ") :]))
+    result.budget_gib = budget
+    print(
+        f"[bench] {name}/{mode} batch {result.batch}: {result.tokens_per_s:,.0f} tokens/s, peak "
+        f"{result.peak_gib:.2f} GiB, load {result.load_s:.0f}s / {result.load_peak_gib:.2f} GiB "
+        f"({time.perf_counter() - started:.0f}s)",
+        flush=True,
+    )
+    return result
+
+
+def _best_reference_under(args, name: str, mode: str, directory: Path, budget: float) -> list[Result]:
+    """The reference can only raise its batch: measure two batches, extrapolate the peak linearly, run the
+    largest batch predicted to fit, and keep the rows that stayed within the budget."""
+    b0 = MODELS[name]["batch"]
+    rows = [
+        _run_job(args, name, mode, directory, b0, budget),
+        _run_job(args, name, mode, directory, 2 * b0, budget),
+    ]
+    ok = [r for r in rows if not r.error]
+    if len(ok) == 2 and ok[1].peak_gib > ok[0].peak_gib:
+        per_seq = (ok[1].peak_gib - ok[0].peak_gib) / b0
+        fit = int(b0 + (budget - ok[0].peak_gib) / per_seq)
+        if fit > 2 * b0:
+            rows.append(_run_job(args, name, mode, directory, fit, budget))
+    for r in rows:
+        if not r.error and r.peak_gib > budget:
+            r.error = f"over budget: peak {r.peak_gib:.2f} GiB"
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,6 +468,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="GPU memory budget: ours runs activation_checkpointing=auto under it; the reference runs the "
+        "largest batch that fits it (it can only raise its batch)",
+    )
+    parser.add_argument(
         "--cpu", action="store_true", help="tiny model on CPU: checks the harness, numbers mean nothing"
     )
     parser.add_argument(
@@ -389,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.mode:
         return worker(args)
@@ -406,9 +502,12 @@ def main(argv: list[str] | None = None) -> None:
     for mode in modes:
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}; choose from {MODES}")
+    if args.max_memory_gib is not None and not args.max_memory_gib > 0:
+        parser.error(f"--max-memory-gib={args.max_memory_gib} must be positive")
 
     cache = Path(args.cache) if args.cache else Path(tempfile.mkdtemp(prefix="qlora-bench-"))
     device = torch.device("cpu") if args.cpu else torch.device("cuda", 0)
+    budget = args.max_memory_gib or 0.0
     results: list[Result] = []
     for name in models:
         directory = cache / name
@@ -421,40 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for mode in modes:
-            cmd = [
-                sys.executable,
-                "-m",
-                "lightning_qlora.bench",
-                "--mode",
-                mode,
-                "--models",
-                name,
-                "--checkpoint",
-                str(directory),
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ]
-            if args.cpu:
-                cmd.append("--cpu")
-            started = time.perf_counter()
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-            )
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                print(f"[bench] {name}/{mode} FAILED:\n" + "\n".join(tail), flush=True)
-                results.append(Result(name, mode, 0, 0, 0, 0, 0, 0, 0, 0, error=" ".join(tail)[-200:]))
-                continue
-            result = Result(**json.loads(line[len("RESULT ") :]))
-            results.append(result)
-            print(
-                f"[bench] {name}/{mode}: {result.tokens_per_s:,.0f} tokens/s, peak {result.peak_gib:.2f} GiB, "
-                f"load {result.load_s:.0f}s / {result.load_peak_gib:.2f} GiB ({time.perf_counter() - started:.0f}s)",
-                flush=True,
-            )
+            if budget and mode.startswith("peft"):
+                results += _best_reference_under(args, name, mode, directory, budget)
+            else:
+                results.append(_run_job(args, name, mode, directory, budget=budget))
 
     card = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "CPU"
     header = (
@@ -468,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
             fh.write(f"\n### {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n{text}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
-    if any(r.error for r in results):
+    if any(r.error and not r.budget_gib for r in results):
         sys.exit(1)
 
 

@@ -62,25 +62,34 @@ class MemoryMonitor(Callback):
 
     Keys: ``mem/gpu_allocated_gib``, ``mem/gpu_reserved_gib``, ``mem/gpu_peak_gib`` (CUDA only),
     ``mem/host_rss_gib``, ``mem/host_peak_rss_gib``, ``perf/tokens_per_s`` (also on the progress bar),
-    ``perf/samples_per_s`` and ``perf/step_time_s``. Throughput counts the time from batch start to
-    batch end (forward, backward, optimizer step), not data loading or validation.
+    ``perf/samples_per_s``, ``perf/step_time_s``, and once warm-up is over ``perf/warmup_s`` and
+    ``perf/time_to_first_step_s``. Throughput counts the time from batch start to batch end (forward,
+    backward, optimizer step), not data loading or validation, and leaves out the first
+    ``warmup_steps`` batches (quantization on first use, ``torch.compile``, allocator growth): their
+    time is reported on its own as the warm-up, so tokens/s is the steady state.
 
     Args:
         log_every_n_steps: logging interval in training batches.
         prog_bar: show tokens/s on the progress bar.
+        warmup_steps: batches counted as warm-up (at least 1).
     """
 
-    def __init__(self, log_every_n_steps: int = 10, prog_bar: bool = True) -> None:
+    def __init__(self, log_every_n_steps: int = 10, prog_bar: bool = True, warmup_steps: int = 3) -> None:
         self.log_every_n_steps = max(int(log_every_n_steps), 1)
         self.prog_bar = prog_bar
+        self.warmup_steps = max(int(warmup_steps), 1)
         self._reset_window()
-        self.total_tokens = 0
-        self.total_samples = 0
-        self.total_time = 0.0
+        self.steady_tokens = self.steady_samples = 0
+        self.steady_time = 0.0
+        self.all_tokens = 0
+        self.all_time = 0.0
+        self.warmup_time = 0.0
+        self.time_to_first_step: float | None = None
         self.peak_gpu_bytes = 0
         self.peak_rss_bytes = 0
         self._batches = 0
         self._t0: float | None = None
+        self._t_fit: float | None = None
 
     def _reset_window(self) -> None:
         self._w_tokens = self._w_samples = self._w_batches = 0
@@ -90,6 +99,9 @@ class MemoryMonitor(Callback):
     def _cuda(pl_module: L.LightningModule) -> torch.device | None:
         device = pl_module.device
         return device if device.type == "cuda" and torch.cuda.is_available() else None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_fit = time.perf_counter()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -102,28 +114,37 @@ class MemoryMonitor(Callback):
         cuda = self._cuda(pl_module)
         if cuda is not None:
             torch.cuda.synchronize(cuda)  # the step's kernels are async; time them, not their launch
-        elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+        now = time.perf_counter()
+        elapsed = now - (self._t0 or now)
         tokens, samples = _count_tokens(batch)
-        self._w_tokens += tokens
-        self._w_samples += samples
-        self._w_batches += 1
-        self._w_time += elapsed
         self._batches += 1
-        if self._batches > 1 or self.total_time == 0:  # the first batch (lazy quantization, warm-up) only
-            if self._batches == 2:  # stands in until a steady-state batch exists
-                self.total_tokens = self.total_samples = 0
-                self.total_time = 0.0
-            self.total_tokens += tokens
-            self.total_samples += samples
-            self.total_time += elapsed
-        if _logged_steps(trainer) % self.log_every_n_steps:
+        self.all_tokens += tokens
+        self.all_time += elapsed
+        metrics: dict[str, float] = {}
+        if self._batches == 1:
+            self.time_to_first_step = now - (self._t_fit or self._t0 or now)
+        if self._batches <= self.warmup_steps:
+            self.warmup_time += elapsed
+            if self._batches == self.warmup_steps:
+                metrics["perf/warmup_s"] = self.warmup_time
+                metrics["perf/time_to_first_step_s"] = float(self.time_to_first_step or 0.0)
+        else:
+            self.steady_tokens += tokens
+            self.steady_samples += samples
+            self.steady_time += elapsed
+            self._w_tokens += tokens
+            self._w_samples += samples
+            self._w_batches += 1
+            self._w_time += elapsed
+        if _logged_steps(trainer) % self.log_every_n_steps and not metrics:
             return
-        metrics = self.memory_metrics(cuda)
-        if self._w_time > 0:
-            metrics["perf/tokens_per_s"] = self._w_tokens / self._w_time
-            metrics["perf/samples_per_s"] = self._w_samples / self._w_time
-            metrics["perf/step_time_s"] = self._w_time / self._w_batches
-        self._reset_window()
+        if not _logged_steps(trainer) % self.log_every_n_steps:
+            metrics.update(self.memory_metrics(cuda))
+            if self._w_time > 0:
+                metrics["perf/tokens_per_s"] = self._w_tokens / self._w_time
+                metrics["perf/samples_per_s"] = self._w_samples / self._w_time
+                metrics["perf/step_time_s"] = self._w_time / self._w_batches
+            self._reset_window()
         for key, value in metrics.items():
             pl_module.log(
                 key,
@@ -148,8 +169,14 @@ class MemoryMonitor(Callback):
 
     @property
     def mean_tokens_per_s(self) -> float:
-        """Tokens/s over the run, leaving out the first (warm-up) batch."""
-        return self.total_tokens / self.total_time if self.total_time > 0 else 0.0
+        """Steady-state tokens/s: the batches after warm-up (all batches if the run had no other)."""
+        if self.steady_time > 0:
+            return self.steady_tokens / self.steady_time
+        return self.all_tokens / self.all_time if self.all_time > 0 else 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.all_tokens
 
 
 class GradNormMonitor(Callback):
@@ -253,7 +280,10 @@ class RunSummary(Callback):
         if monitor is not None:
             cuda = monitor._cuda(pl_module)
             monitor.memory_metrics(cuda)
-            summary["mean_tokens_per_s"] = monitor.mean_tokens_per_s
+            summary["mean_tokens_per_s"] = monitor.mean_tokens_per_s  # steady state, after warm-up
+            summary["warmup_s"] = monitor.warmup_time
+            summary["warmup_steps"] = min(monitor.warmup_steps, monitor._batches)
+            summary["time_to_first_step_s"] = monitor.time_to_first_step
             summary["total_tokens"] = monitor.total_tokens
             summary["peak_host_rss_gib"] = monitor.peak_rss_bytes / GIB
             if cuda is not None:

@@ -110,7 +110,7 @@ def _frozen_plain_head(head: nn.Module | None, backbone: nn.Module | None) -> bo
 
 
 def causal_lm_loss(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, chunk_size: int = 4096
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, chunk_size: int = 2048
 ) -> tuple[Tensor, int]:
     """Mean next-token cross-entropy of a transformers causal LM over labelled positions, and their count.
 

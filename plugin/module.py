@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .hub import looks_local
 from .loss import IGNORE_INDEX, causal_lm_loss
+from .memory import CHECKPOINTING, Shapes, choose_checkpointing
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 
 
@@ -34,7 +35,14 @@ class ModelConfig:
             :func:`build_hf_config`).
         tokenizer: ``None``: the model's own; ``"byte"``: the offline byte-level tokenizer; or a
             hub id / directory.
-        gradient_checkpointing: recompute decoder layers in the backward (non-reentrant).
+        activation_checkpointing: which decoder layers recompute their activations in the backward
+            (non-reentrant checkpointing) instead of keeping them: ``none`` (fastest, most memory),
+            ``full`` (every layer), ``every_n_layers`` (one layer in ``checkpoint_every_n_layers``),
+            ``offload`` (every layer, its saved input held in pinned host memory), or ``auto`` (the
+            fastest of these whose estimated peak fits ``max_memory_gib``; see
+            :mod:`lightning_qlora.memory`, decided from the first batch's shape).
+        checkpoint_every_n_layers: with ``every_n_layers``: checkpoint layers 0, n, 2n, ...
+        max_memory_gib: the GPU memory budget ``auto`` chooses for (``torch.cuda.max_memory_allocated``).
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: passed to transformers.
         revision: hub revision.
@@ -48,14 +56,31 @@ class ModelConfig:
     name_or_path: str | None = None
     from_config: Any = None
     tokenizer: str | None = None
-    gradient_checkpointing: bool = False
+    activation_checkpointing: str = "none"
+    checkpoint_every_n_layers: int = 2
+    max_memory_gib: float | None = None
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     revision: str | None = None
-    loss_chunk_size: int = 4096
+    loss_chunk_size: int = 2048
     compile: Any = "auto"
 
     def __post_init__(self) -> None:
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(
+                f"model.activation_checkpointing={self.activation_checkpointing!r} is not supported; "
+                f"use one of {CHECKPOINTING}"
+            )
+        if isinstance(self.checkpoint_every_n_layers, bool) or self.checkpoint_every_n_layers < 1:
+            raise ValueError(
+                f"model.checkpoint_every_n_layers={self.checkpoint_every_n_layers!r} must be a positive integer"
+            )
+        if self.activation_checkpointing == "auto" and not self.max_memory_gib:
+            raise ValueError(
+                "model.activation_checkpointing=auto needs model.max_memory_gib (the GPU memory budget, GiB)"
+            )
+        if self.max_memory_gib is not None and not self.max_memory_gib > 0:
+            raise ValueError(f"model.max_memory_gib={self.max_memory_gib!r} must be positive")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"model.compile={self.compile!r} must be true, false or auto")
         if isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size < 0:
@@ -114,7 +139,8 @@ class CausalLMModule(L.LightningModule):
 
     Args:
         config: the model settings (:class:`ModelConfig`); built from ``model_settings`` if not given,
-            so ``CausalLMModule(name_or_path="...", gradient_checkpointing=True)`` works too.
+            so ``CausalLMModule(name_or_path="...", activation_checkpointing="full")`` works too
+            (``gradient_checkpointing=True`` is read as ``activation_checkpointing="full"``).
         optimizer: :class:`~lightning_qlora.optim.OptimizerConfig` or a dict of its fields.
         seed: seeds the random weights of a ``from_config`` model.
         config_overrides: attributes set on the model config (vocab size, special token ids, ...).
@@ -129,6 +155,9 @@ class CausalLMModule(L.LightningModule):
         **model_settings: Any,
     ) -> None:
         super().__init__()
+        if "gradient_checkpointing" in model_settings:  # the transformers name users know
+            full = model_settings.pop("gradient_checkpointing")
+            model_settings.setdefault("activation_checkpointing", "full" if full else "none")
         if config is None:
             config = ModelConfig(**model_settings)
         elif isinstance(config, Mapping):  # hparams of a checkpoint
@@ -155,6 +184,7 @@ class CausalLMModule(L.LightningModule):
             logger=False,
         )
         self.model: nn.Module | None = None
+        self.checkpointing_estimate: Any = None  # what activation_checkpointing=auto chose, and why
 
     @property
     def model_name(self) -> str:
@@ -190,13 +220,9 @@ class CausalLMModule(L.LightningModule):
             for key, value in self.config_overrides.items():
                 if key != "vocab_size":
                     setattr(model.config, key, value)
-        if c.gradient_checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # "auto" needs the batch's shape: full until the first batch decides.
+        mode = "full" if c.activation_checkpointing == "auto" else c.activation_checkpointing
+        set_activation_checkpointing(model, mode, c.checkpoint_every_n_layers)
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
         model.train()  # from_pretrained returns eval mode (dropout off); Lightning toggles modes itself
         self.model = model
@@ -208,6 +234,29 @@ class CausalLMModule(L.LightningModule):
         if wanted and not getattr(self.model, "_blocks_compiled", False):
             compile_blocks(self.model)
             self.model._blocks_compiled = True
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.config.activation_checkpointing == "auto" and self.checkpointing_estimate is None:
+            self.checkpointing_estimate = self._choose_checkpointing(batch["input_ids"].shape)
+            est = self.checkpointing_estimate
+            set_activation_checkpointing(self.model, est.checkpointing, est.every_n_layers)
+
+    def _choose_checkpointing(self, shape: Any) -> Any:
+        plugin = self.trainer.precision_plugin if self._trainer is not None else None
+        quant, lora = getattr(plugin, "quant", None), getattr(plugin, "lora", None)
+        return choose_checkpointing(
+            float(self.config.max_memory_gib),
+            Shapes.from_hf(self.model.config),
+            int(shape[0]),
+            int(shape[1]),
+            lora_r=lora.r if lora is not None else 16,
+            quantized=quant is not None,
+            blocksize=quant.blocksize if quant is not None else 64,
+            double_quant=quant.double_quant if quant is not None else True,
+            dtype_bytes=next(p for p in self.model.parameters() if p.is_floating_point()).element_size(),
+            loss_chunk=self.config.loss_chunk_size,
+            compiled=bool(getattr(self.model, "_blocks_compiled", False)),
+        )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -276,3 +325,48 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The blocks transformers checkpoints (``GradientCheckpointingLayer``, or any non-model module with a
+    ``gradient_checkpointing`` flag in older releases), in order."""
+    from transformers import PreTrainedModel
+
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "gradient_checkpointing") and not isinstance(m, PreTrainedModel)
+    ]
+
+
+def set_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1) -> None:
+    """Turns non-reentrant activation checkpointing on for the decoder layers ``mode`` selects.
+
+    ``every_n_layers`` and ``offload`` are set per layer here (rather than through transformers'
+    own arguments, which only recent releases have), so they work on every transformers 4.46+.
+    """
+    if mode == "none":
+        if getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = mode != "every_n_layers" or index % max(every_n, 1) == 0
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if mode == "offload" and func is not None and not getattr(func, "_offloaded", False):
+            layer._gradient_checkpointing_func = _offloaded(func)
+
+
+def _offloaded(checkpoint_func: Any) -> Any:
+    """The checkpoint function with what it saves (the layer's input) held in pinned host memory."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            return checkpoint_func(*args, **kwargs)
+
+    run._offloaded = True
+    return run

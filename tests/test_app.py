@@ -92,7 +92,7 @@ def test_a_saved_model_trains_in_process(compose, tiny_llama_dir, tmp_path, wand
             f"model.name_or_path={tiny_llama_dir}",
             "model.from_config=null",
             "model.tokenizer=byte",
-            "model.gradient_checkpointing=true",
+            "model.activation_checkpointing=full",
             "trainer.max_steps=2",
             "logger=csv",
             "sample.prompts=[]",

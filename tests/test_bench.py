@@ -33,7 +33,7 @@ def test_cpu_harness_runs_each_mode_in_its_own_process_and_reports(tmp_path):
         assert not row["error"] and row["tokens_per_s"] > 0 and row["tokens_per_step"] == 128
         assert 0 < row["loss_last"] < 10
     text = report.read_text()
-    assert "| tiny | ours | 128 |" in text and "command: python -m lightning_qlora.bench --cpu" in text
+    assert "| tiny | ours | 2 | full | " in text and "command: python -m lightning_qlora.bench --cpu" in text
 
 
 def test_unknown_model_or_mode_is_refused(capsys):

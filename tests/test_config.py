@@ -72,7 +72,9 @@ NON_DEFAULTS = {
         "name_or_path": "my/model",
         "from_config": None,  # the micro config is needed to build anything offline
         "tokenizer": None,  # byte, as the micro run sets it
-        "gradient_checkpointing": True,
+        "activation_checkpointing": "every_n_layers",
+        "checkpoint_every_n_layers": 3,
+        "max_memory_gib": 7.5,
         "attn_implementation": "eager",
         "trust_remote_code": True,
         "revision": "v1",

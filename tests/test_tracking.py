@@ -74,6 +74,9 @@ def test_offline_wandb_run_holds_config_history_memory_throughput_and_counts(off
     assert params["trainable"] == lora
     assert params["4bit"] == sum(m.weight.numel() for m in linears)
 
+    # The end-of-run summary (checked below).
+    final = state["summary"]
+
     # One history row with the loss per logged step (log_every_n_steps=1), and val loss per validation.
     rows = history(run_dir)
     losses = [r for r in rows if "train/loss" in r]
@@ -82,12 +85,16 @@ def test_offline_wandb_run_holds_config_history_memory_throughput_and_counts(off
     assert any("val/loss" in r for r in rows)
     for row in losses:  # memory and throughput: CPU run, so host keys and no GPU keys
         assert 0 < row["mem/host_rss_gib"] <= row["mem/host_peak_rss_gib"] + 1e-6
-        assert row["perf/tokens_per_s"] > 0 and row["perf/samples_per_s"] > 0 and row["perf/step_time_s"] > 0
         assert not any(k.startswith("mem/gpu") for k in row)
+    warmup = 3  # MemoryMonitor's default: their time is reported apart from the steady-state tokens/s
+    for row in losses[warmup:]:
+        assert row["perf/tokens_per_s"] > 0 and row["perf/samples_per_s"] > 0 and row["perf/step_time_s"] > 0
+    assert not any("perf/tokens_per_s" in row for row in losses[: warmup - 1])
+    warmups = {r["perf/warmup_s"] for r in rows if "perf/warmup_s" in r}  # one value (Lightning may repeat it)
+    assert len(warmups) == 1 and warmups.pop() == pytest.approx(final["warmup_s"])
 
-    # The end-of-run summary.
     final = state["summary"]
-    for key in ("final_train_loss", "final_val_loss", "peak_host_rss_gib", "mean_tokens_per_s"):
+    for key in ("final_train_loss", "final_val_loss", "peak_host_rss_gib", "mean_tokens_per_s", "warmup_s"):
         assert final[key] > 0, key
     assert final["adapter_dir"] == summary["adapter_dir"] and Path(final["adapter_dir"]).is_dir()
     assert final["params_trainable"] == lora
@@ -143,7 +150,7 @@ def test_memory_monitor_works_with_any_trainer_and_logger(tmp_path):
     loader = torch.utils.data.DataLoader(
         [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask, strict=True)], batch_size=4
     )
-    monitor = MemoryMonitor(log_every_n_steps=2)
+    monitor = MemoryMonitor(log_every_n_steps=2, warmup_steps=2)
     trainer = L.Trainer(
         max_steps=6,
         logger=CSVLogger(tmp_path, name="", version=""),
@@ -157,10 +164,17 @@ def test_memory_monitor_works_with_any_trainer_and_logger(tmp_path):
     trainer.fit(_TinyLM(), loader)
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     logged = [r for r in rows if r.get("perf/tokens_per_s")]
-    assert len(logged) == 3
+    assert len(logged) == 2  # steps 4 and 6: the window of step 2 held only warm-up batches
     assert all(float(r["perf/tokens_per_s"]) > 0 and float(r["mem/host_rss_gib"]) > 0 for r in logged)
     assert not any(k.startswith("mem/gpu") for k in rows[0])
-    assert monitor.total_tokens == 5 * 4 * 10  # six batches of 4 x 10 real tokens, the warm-up one left out
+    warmup = [r for r in rows if r.get("perf/warmup_s")]
+    # logged once (Lightning repeats a step-logged key's last value in later rows)
+    assert all(float(r["perf/warmup_s"]) == pytest.approx(monitor.warmup_time) for r in warmup)
+    assert monitor.warmup_time > 0 and warmup[0]["step"] == "1"
+    assert float(warmup[0]["perf/time_to_first_step_s"]) > 0
+    assert monitor.total_tokens == 6 * 4 * 10  # six batches of 4 x 10 real tokens (padding not counted)
+    assert monitor.steady_tokens == 4 * 4 * 10  # the two warm-up batches left out of tokens/s
+    assert monitor.mean_tokens_per_s == monitor.steady_tokens / monitor.steady_time
 
 
 def test_parameter_counts_count_4bit_weights_as_the_weights_they_encode():
