@@ -246,7 +246,15 @@ def run_ours(
         {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
         for ids in _batches(model, warmup + steps, torch.device("cpu"), batch)
     ]
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    backend = os.environ.get("QLORA_BENCH_SDPA")  # an experiment knob: which SDPA kernel attention uses
+    if backend:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([getattr(SDPBackend, backend.upper())]):
+            trainer.fit(module, loader)
+    else:
+        trainer.fit(module, loader)
     result = _result(
         model, "ours" if quant else "ours16", times[warmup:], [float(x) for x in losses], load, device, batch
     )
@@ -422,6 +430,8 @@ def _run_job(args: argparse.Namespace, name: str, mode: str, directory: Path, ba
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if os.environ.get("QLORA_BENCH_PROFILE"):  # the worker's profile table is on its stdout
+        print("\n".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("RESULT ")), flush=True)
     if line is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         print(f"[bench] {name}/{mode} batch {batch or 'default'} FAILED:\n" + "\n".join(tail), flush=True)
