@@ -23,11 +23,16 @@ _LAZY = {
     "GradNormMonitor": "callbacks",
     "MemoryMonitor": "callbacks",
     "RunSummary": "callbacks",
+    "load_pretrained": "checkpoint4bit",
+    "save_4bit_checkpoint": "checkpoint4bit",
+    "write_random_4bit_checkpoint": "checkpoint4bit",
     "InstructDataModule": "data",
+    "NonFiniteGuard": "guards",
     "export_merged": "export",
     "load_model": "export",
     "generate": "generate",
     "CausalLMModule": "module",
+    "quantize_checkpoint": "quantize",
 }
 
 

@@ -1,29 +1,34 @@
-"""Build a run's parts from its composed config, and check them all before anything is written.
+"""Build a run's parts from its composed config.
 
 Each ``build_*`` turns one group of a :class:`~lightning_qlora.config.TrainConfig` into the object it
-configures; the plugin's own groups are instantiated as the plugin's own dataclasses
-(``OmegaConf.to_object``), whose ``__post_init__`` refuses a bad value with a line naming its key.
-:func:`preflight` runs them in order and fails before the first log, checkpoint or W&B run exists.
+configures; every group is instantiated as its dataclass (``OmegaConf.to_object``), whose
+``__post_init__`` refuses a bad value with a line naming its key. The checks that run before any of it
+is written are :mod:`lightning_qlora.preflight`'s.
+
+The model's source follows one rule: ``model.from_config`` is used only when ``model.name_or_path``
+is null. A path or hub id, once given, is what the run loads (``from_pretrained``); to build a named
+model from a config, give ``model.from_config=... model.name_or_path=null``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import LOGGERS, RECIPES_MODULE, describe_config_error, register_configs
-from .messages import one_line, say
-
-
-class PreflightError(Exception):
-    """A problem with the run's inputs, found before anything is written."""
+from .config import RECIPES_MODULE, describe_config_error, register_configs
+from .messages import PreflightError, one_line, say
 
 
 def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The config ``lightning-qlora --config-name NAME OVERRIDES...`` would run, composed without running.
+    """The config ``lightning-qlora --config-name NAME OVERRIDES...`` would run, composed without running
+    (with the model-source rule applied: :func:`resolve_model_source`).
 
     Raises:
         ValueError: the recipe or an override is bad (one line naming the key; callers add where it
@@ -36,9 +41,11 @@ def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     register_configs()
     try:
         with initialize_config_module(RECIPES_MODULE, version_base="1.3"):
-            return compose(name, list(overrides))
+            cfg = compose(name, list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(describe_config_error(err, name)) from None
+    resolve_model_source(cfg)  # what runs: a given model.name_or_path wins over model.from_config
+    return cfg
 
 
 def typed(node: Any) -> Any:
@@ -53,12 +60,25 @@ def build_plugin(cfg: DictConfig) -> Any:
     return QLoRAPrecision(quant=typed(cfg.quant), lora=typed(cfg.lora))
 
 
+def builds_from_config(cfg: DictConfig) -> bool:
+    """True when the model is built from ``model.from_config`` (random weights): only without a path."""
+    return cfg.model.from_config is not None and not cfg.model.name_or_path
+
+
+def model_config(cfg: DictConfig) -> Any:
+    """``cfg.model`` as a ``ModelConfig``, with ``from_config`` dropped when ``name_or_path`` is given."""
+    model = typed(cfg.model)
+    if model.name_or_path and model.from_config is not None:
+        model = dataclasses.replace(model, from_config=None)
+    return model
+
+
 def build_tokenizer(cfg: DictConfig) -> Any:
     """``model.tokenizer``, else the model's own (the byte tokenizer for a model built from a config)."""
     from .data import load_tokenizer
 
     m = cfg.model
-    return load_tokenizer(m.tokenizer or (None if m.from_config is not None else m.name_or_path))
+    return load_tokenizer(m.tokenizer or (None if builds_from_config(cfg) else m.name_or_path))
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
@@ -67,11 +87,17 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any) -> Any:
     return InstructDataModule(tokenizer, typed(cfg.data))
 
 
-def build_module(cfg: DictConfig, tokenizer: Any) -> Any:
-    """``CausalLMModule``; a model built from a config gets the tokenizer's vocabulary and special ids."""
+def build_module(cfg: DictConfig, tokenizer: Any, base: str | None = None) -> Any:
+    """``CausalLMModule``; a model built from a config gets the tokenizer's vocabulary and special ids.
+
+    Args:
+        base: load the model from this directory instead (the base :func:`save_base_model` wrote).
+    """
     from .module import CausalLMModule
 
-    model = typed(cfg.model)
+    model = model_config(cfg)
+    if base is not None:
+        model = dataclasses.replace(model, name_or_path=base, from_config=None)
     overrides: dict[str, Any] = {"pad_token_id": tokenizer.pad_token_id}
     if model.from_config is not None:  # random weights: the embedding follows the tokenizer
         overrides.update(
@@ -80,38 +106,6 @@ def build_module(cfg: DictConfig, tokenizer: Any) -> Any:
             eos_token_id=tokenizer.eos_token_id,
         )
     return CausalLMModule(model, optimizer=typed(cfg.optimizer), seed=cfg.seed, config_overrides=overrides)
-
-
-def check_model_source(cfg: DictConfig) -> None:
-    """Loads the model's config (not its weights), so a bad path or hub id fails before the run starts."""
-    from .hub import looks_local
-    from .module import build_hf_config
-
-    m = cfg.model
-    if m.from_config is not None:
-        src = m.from_config if isinstance(m.from_config, str) else OmegaConf.to_container(m.from_config)
-        if isinstance(src, str) and looks_local(src) and not os.path.exists(os.path.expanduser(src)):
-            raise PreflightError(f"model.from_config={src!r} does not exist")
-        build_hf_config(src)
-        return
-    if not m.name_or_path:
-        raise PreflightError("set model.name_or_path (hub id or local path) or model.from_config")
-    path = os.path.expanduser(m.name_or_path)
-    if looks_local(m.name_or_path):
-        if not os.path.isdir(path):
-            raise PreflightError(f"model.name_or_path={m.name_or_path!r} does not exist")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise PreflightError(
-                f"model.name_or_path={m.name_or_path!r} has no config.json (not a saved transformers model)"
-            )
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    except Exception as err:
-        raise PreflightError(
-            f"model.name_or_path={m.name_or_path!r} cannot be loaded: {one_line(err)}"
-        ) from err
 
 
 def build_logger(cfg: DictConfig, run_dir: str) -> Any:
@@ -124,7 +118,8 @@ def build_logger(cfg: DictConfig, run_dir: str) -> Any:
         return None
     if lc.kind == "csv":
         return CSVLogger(save_dir=save_dir, name="csv", version="")
-    offline = lc.offline if lc.offline is not None else not wandb_key_available()
+    key_source = wandb_key_source()
+    offline = lc.offline if lc.offline is not None else key_source is None
     kwargs = {
         "project": lc.project,
         "name": lc.name or cfg.run_name,
@@ -134,6 +129,11 @@ def build_logger(cfg: DictConfig, run_dir: str) -> Any:
         "job_type": lc.job_type,
         "save_dir": save_dir,
     }
+    if not offline:  # online can wait for the server: say so, rather than sit silent
+        say(
+            f"W&B: connecting online (key found in {key_source or 'nowhere: logger.offline=false'}); falls back "
+            f"to offline after {lc.init_timeout:g} s (logger.init_timeout)"
+        )
     try:
         return _init_wandb(offline=offline, init_timeout=lc.init_timeout, **kwargs)
     except Exception as err:
@@ -148,7 +148,7 @@ def build_logger(cfg: DictConfig, run_dir: str) -> Any:
     return CSVLogger(save_dir=save_dir, name="csv", version="")
 
 
-def _init_wandb(offline: bool, init_timeout: float = 60.0, **kwargs: Any) -> Any:
+def _init_wandb(offline: bool, init_timeout: float = 15.0, **kwargs: Any) -> Any:
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
@@ -165,29 +165,51 @@ def _init_wandb(offline: bool, init_timeout: float = 60.0, **kwargs: Any) -> Any
 
 def wandb_key_available() -> bool:
     """True when a W&B API key is set (``WANDB_API_KEY``) or stored by ``wandb login`` (netrc)."""
+    return wandb_key_source() is not None
+
+
+def wandb_key_source() -> str | None:
+    """Where the W&B API key comes from: ``"WANDB_API_KEY"``, the netrc file's path, or None."""
     if os.environ.get("WANDB_API_KEY"):
-        return True
+        return "WANDB_API_KEY"
     import netrc
     from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        return path if netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None else None
     except (OSError, netrc.NetrcParseError):
-        return False
+        return None
 
 
 def build_callbacks(
-    cfg: DictConfig, run_dir: str, tokenizer: Any = None, datamodule: Any = None
+    cfg: DictConfig,
+    run_dir: str,
+    tokenizer: Any = None,
+    datamodule: Any = None,
+    base_model: str | None = None,
 ) -> list[Any]:
+    """The run's callbacks; ``base_model`` (default ``model.name_or_path``) goes into each adapter's config."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from .callbacks import AdapterCheckpoint, GradNormMonitor, MemoryMonitor, RunSummary, SampleGeneration
+    from .callbacks import (
+        AdapterCheckpoint,
+        GradNormMonitor,
+        MemoryMonitor,
+        RunSummary,
+        SampleGeneration,
+        StepProgressBar,
+    )
+    from .guards import NonFiniteGuard
 
-    cb = cfg.callbacks
+    cb = typed(cfg.callbacks)
     callbacks: list[Any] = [
-        RunSummary(config=OmegaConf.to_container(cfg, resolve=True), model_name=model_name(cfg))
+        RunSummary(config=OmegaConf.to_container(cfg, resolve=True), model_name=model_name(cfg)),
+        NonFiniteGuard(cb.on_nonfinite, cb.max_skipped_batches, cb.zero_grad_warn_steps),
     ]
+    if cfg.trainer.enable_progress_bar:  # Lightning refuses a bar callback with the bar turned off
+        callbacks.append(StepProgressBar())
     if cb.memory_monitor:
         callbacks.append(MemoryMonitor(log_every_n_steps=cb.log_every_n_steps))
     if cb.grad_norm:
@@ -205,9 +227,8 @@ def build_callbacks(
         if cb.save_adapter_on_checkpoint:
             # PEFT-format adapters next to the checkpoints: adapters/step-<N>/ and adapters/final/
             adapters = os.path.join(run_dir, "checkpoints", "adapters")
-            callbacks.append(
-                AdapterCheckpoint(dirpath=adapters, base_model_name_or_path=cfg.model.name_or_path)
-            )
+            base = base_model or cfg.model.name_or_path
+            callbacks.append(AdapterCheckpoint(dirpath=adapters, base_model_name_or_path=base))
     if cfg.sample.prompts and tokenizer is not None:
         prompts = [_format_prompt(datamodule, p) for p in cfg.sample.prompts]
         callbacks.append(SampleGeneration(tokenizer, prompts, cfg.sample.max_new_tokens))
@@ -227,53 +248,106 @@ def _format_prompt(datamodule: Any, instruction: str) -> str:
 def build_trainer(cfg: DictConfig, plugin: Any, logger: Any, callbacks: list[Any]) -> Any:
     import lightning as L
 
+    return L.Trainer(
+        plugins=[plugin],
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        **trainer_args(cfg),
+    )
+
+
+def trainer_args(cfg: DictConfig) -> dict[str, Any]:
     # None is passed through: it is Lightning's own default for every key but check_val_every_n_epoch,
     # where it means "count val_check_interval across epochs".
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     args["default_root_dir"] = args["default_root_dir"] or cfg.output_dir
-    return L.Trainer(
-        plugins=[plugin], logger=logger if logger is not None else False, callbacks=callbacks, **args
-    )
+    return args
 
 
 def model_name(cfg: DictConfig) -> str:
     return typed(cfg.model).display_name
 
 
-def preflight(cfg: DictConfig) -> dict[str, Any]:
-    """Checks everything a run needs before it writes anything; returns the built objects.
+def save_base_model(cfg: DictConfig, tokenizer: Any, run_dir: str, dtype: Any) -> str:
+    """Builds the model ``model.from_config`` describes (seeded random weights, unquantized, in the
+    compute dtype) and saves it with its tokenizer as ``<run_dir>/base``; returns that path.
 
-    Raises:
-        PreflightError, ValueError, FileNotFoundError: with a message naming the setting, file or row.
+    The run then trains from this directory (``from_pretrained``), so the adapter's
+    ``base_model_name_or_path`` names exactly the weights it was trained on, and
+    ``lightning-qlora-generate`` / ``-export`` work on it. Written to a temporary directory and
+    renamed, so ``base/`` is whole or absent. Under DDP the ranks launched by rank 0 find it written.
     """
-    if cfg.logger.kind not in LOGGERS:
-        raise PreflightError(f"logger.kind={cfg.logger.kind!r} is not supported; use one of {LOGGERS}")
-    if cfg.ckpt_path and not os.path.isfile(os.path.expanduser(cfg.ckpt_path)):
-        raise PreflightError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
-    plugin = build_plugin(cfg)
-    typed(cfg.optimizer)  # refuses an unknown optimizer or scheduler now, not at the first step
-    check_model_source(cfg)
-    tokenizer = build_tokenizer(cfg)
-    datamodule = build_datamodule(cfg, tokenizer)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    _check_val_interval(cfg, datamodule)
-    module = build_module(cfg, tokenizer)
-    return {"plugin": plugin, "tokenizer": tokenizer, "datamodule": datamodule, "module": module}
+    import torch
+    from lightning.fabric.utilities.rank_zero import _get_rank
+    from transformers import AutoModelForCausalLM
+
+    from .module import build_hf_config
+
+    base = os.path.join(run_dir, "base")
+    if (_get_rank() or 0) > 0:  # launched by rank 0 after it wrote base/
+        if not os.path.isfile(os.path.join(base, "config.json")):
+            raise PreflightError(f"the base model {base} that rank 0 writes is missing")
+        return base
+    m = cfg.model
+    src = (
+        m.from_config
+        if isinstance(m.from_config, str)
+        else OmegaConf.to_container(m.from_config, resolve=True)
+    )
+    hf_config = build_hf_config(
+        src,
+        {
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # the weights training computes in: the saved base is exact
+    try:
+        torch.manual_seed(cfg.seed)
+        kwargs = {"trust_remote_code": m.trust_remote_code}
+        if m.attn_implementation:
+            kwargs["attn_implementation"] = m.attn_implementation
+        model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".base-", dir=run_dir)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(base):
+            shutil.rmtree(base)
+        os.replace(tmp, base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return base
 
 
-def _check_val_interval(cfg: DictConfig, datamodule: Any) -> None:
-    """Lightning refuses an int val_check_interval beyond one epoch only once training has started."""
-    t = cfg.trainer
-    train_set = getattr(datamodule, "train_dataset", None)
-    if not isinstance(t.val_check_interval, int) or t.check_val_every_n_epoch is None or train_set is None:
-        return
-    batches = -(-len(train_set) // cfg.data.batch_size)
-    if t.limit_train_batches is not None:
-        limit = t.limit_train_batches
-        batches = min(batches, int(limit if isinstance(limit, int) else limit * batches))
-    if t.val_check_interval > batches:
-        raise PreflightError(
-            f"trainer.val_check_interval={t.val_check_interval} is more than the {batches} training batches of an "
-            "epoch; set trainer.check_val_every_n_epoch=null to count it across epochs, or lower it"
+def resolve_model_source(cfg: DictConfig) -> None:
+    """Applies the model-source rule to ``cfg`` itself (so the logged config says what ran), and says so.
+
+    ``model.name_or_path`` wins over ``model.from_config``: the default recipe's model option builds
+    from a config, and a path given on top of it used to be ignored.
+    """
+    m = cfg.model
+    if m.name_or_path and m.from_config is not None:
+        say(
+            f"model: loading model.name_or_path={m.name_or_path!r} (from_pretrained); model.from_config is "
+            "not used when a path is given (set model.name_or_path=null to build from the config)"
         )
+        with writable(cfg):
+            m.from_config = None
+
+
+@contextlib.contextmanager
+def writable(cfg: DictConfig) -> Iterator[None]:
+    readonly = OmegaConf.is_readonly(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    try:
+        yield
+    finally:
+        OmegaConf.set_readonly(cfg, readonly)

@@ -19,9 +19,10 @@ from typing import Any
 import lightning as L
 import psutil
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from .adapters import save_adapter
+from .adapters import recover_directories, save_adapter
 
 GIB = 1024**3
 
@@ -221,8 +222,11 @@ class RunSummary(Callback):
 
     At train start: ``config`` (e.g. the resolved Hydra config), the QLoRA plugin's settings, the
     model's name, parameter counts and bytes of weights by storage dtype, through
-    ``logger.log_hyperparams``. At the end: final train/val loss, peak GPU memory, peak host RSS and
-    mean tokens/s in :attr:`summary`, written to W&B's ``run.summary`` when the logger is W&B.
+    ``logger.log_hyperparams``. At the end: final train/val loss, peak GPU memory, peak host RSS,
+    steady-state tokens/s and the warm-up's time (and the time to the first step) in :attr:`summary`,
+    written to W&B's ``run.summary`` when the logger is W&B. With an
+    :class:`~lightning_qlora.data.InstructDataModule` the summary also holds what ``data.max_length``
+    cost: ``data/dropped_rows``, ``data/truncated_rows``, ``data/lost_tokens``.
 
     Args:
         config: extra hyperparameters to log (nested dicts allowed).
@@ -295,6 +299,12 @@ class RunSummary(Callback):
         if self.run_info:
             summary["params_trainable"] = self.run_info["params"]["trainable"]
             summary["params_total"] = self.run_info["params"]["total"]
+        # What data.max_length / data.on_overlong cost (InstructDataModule.stats), so it is on record
+        stats = getattr(getattr(trainer, "datamodule", None), "stats", None)
+        if isinstance(stats, Mapping) and "lost_tokens" in stats:
+            summary["data/dropped_rows"] = int(stats.get("dropped", 0))
+            summary["data/truncated_rows"] = int(stats.get("truncated", 0))
+            summary["data/lost_tokens"] = int(stats["lost_tokens"])
         self.summary = summary
         update_wandb_summary(trainer, summary)
 
@@ -303,6 +313,8 @@ def update_wandb_summary(trainer: L.Trainer, values: Mapping[str, Any]) -> None:
     """Writes ``values`` into the W&B run's summary, if a W&B logger is attached; never raises."""
     from lightning.pytorch.loggers import WandbLogger
 
+    if not trainer.is_global_zero:  # only rank 0 has the W&B run
+        return
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             try:
@@ -368,6 +380,11 @@ class AdapterCheckpoint(Callback):
     :func:`~lightning_qlora.adapters.load_adapter`. Rank zero writes. Under FSDP the adapters must be
     unsharded first (not handled here).
 
+    Each directory is written whole or not at all (:func:`~lightning_qlora.adapters.save_adapter`): a
+    kill mid-save leaves only a hidden ``.<name>.tmp-*`` sibling, which the next fit removes at its start
+    (restoring a previous copy of the directory if the kill came while it was being replaced). So every
+    visible ``step-<N>``/``final`` directory is complete.
+
     Args:
         dirpath: where the adapters go; default ``<trainer.log_dir or default_root_dir>/adapters``.
         base_model_name_or_path: recorded in ``adapter_config.json`` (default: the model's own).
@@ -377,17 +394,24 @@ class AdapterCheckpoint(Callback):
         self.dirpath = dirpath
         self.base_model_name_or_path = base_model_name_or_path
 
+    def _root(self, trainer: L.Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            recover_directories(self._root(trainer))
+
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if not trainer.is_global_zero:
             return
-        root = (
-            Path(self.dirpath)
-            if self.dirpath is not None
-            else Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
-        )
         plugin = trainer.precision_plugin
         save_adapter(
-            pl_module, root / name, self.base_model_name_or_path, plugin if hasattr(plugin, "lora") else None
+            pl_module,
+            self._root(trainer) / name,
+            self.base_model_name_or_path,
+            plugin if hasattr(plugin, "lora") else None,
         )
 
     def on_save_checkpoint(
@@ -397,3 +421,81 @@ class AdapterCheckpoint(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module, "final")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm progress bar, counting optimizer steps over the whole run when it is step-bounded.
+
+    With ``max_steps`` set, the training bar reads ``step 40/400`` for the whole run, starting at the
+    step a resumed run starts from, with the epoch in its postfix. (Lightning's own bars count batches
+    of the current epoch against a total that shrinks near ``max_steps``, so a resumed run read
+    ``40/20``, and the rich bar labels an unbounded run ``Epoch 4/-2``.) Without ``max_steps`` it is
+    Lightning's per-epoch bar, labelled ``epoch 3/10`` (1-based; no total when ``max_epochs`` is -1).
+    Validation bars are Lightning's.
+
+    Args:
+        refresh_rate: update the bar every this many batches (Lightning's ``TQDMProgressBar``).
+        process_position: the bar's line, for several bars at once.
+    """
+
+    STEP_FORMAT = "step {n_fmt}/{total_fmt} {bar} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0) -> None:
+        super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=False)
+
+    @staticmethod
+    def _step_bounded(trainer: L.Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    def _show_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bar = self.train_progress_bar
+        if bar.disable:
+            return
+        bar.n = min(trainer.global_step, trainer.max_steps)
+        bar.set_postfix(
+            {**self.get_metrics(trainer, pl_module), "epoch": trainer.current_epoch}, refresh=False
+        )
+        bar.refresh()
+
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        if not self._step_bounded(trainer):
+            return super().init_train_tqdm()
+        return Tqdm(
+            total=trainer.max_steps,
+            initial=trainer.global_step,  # a resumed run starts there, and its rate counts its own steps
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.STEP_FORMAT,
+        )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._step_bounded(trainer):
+            return  # one bar over the whole run
+        epochs = trainer.max_epochs
+        label = f"epoch {trainer.current_epoch + 1}" + (
+            f"/{epochs}" if epochs is not None and epochs > 0 else ""
+        )
+        bar = self.train_progress_bar
+        bar.set_description(label, refresh=False)
+        total = self.total_train_batches
+        bar.reset(total=None if total == float("inf") else total)
+        bar.initial = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._step_bounded(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif self._should_update(trainer.global_step, trainer.max_steps):
+            self._show_step(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._step_bounded(trainer):
+            super().on_train_epoch_end(trainer, pl_module)
+        else:
+            self._show_step(trainer, pl_module)

@@ -11,6 +11,7 @@ anything runs. The groups below (trainer, logger, callbacks, sample) exist only 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -56,6 +57,94 @@ class TrainerConfig:
     deterministic: Any = None
     default_root_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        # Lightning checks these only once fit() runs (max_steps, val_check_interval), or not at all
+        # (accumulate_grad_batches=0 divides by zero mid-setup): here they fail before anything exists.
+        if not _int(self.max_steps) or self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps!r} must be a positive number of optimizer steps, or -1 "
+                "to stop by trainer.max_epochs"
+            )
+        if self.max_epochs is not None and (self.max_epochs == 0 or self.max_epochs < -1):
+            raise ValueError(
+                f"trainer.max_epochs={self.max_epochs!r} must be a positive number, -1 (no limit) or null"
+            )
+        if not _int(self.accumulate_grad_batches) or self.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.accumulate_grad_batches!r} must be >= 1 "
+                "(batches per optimizer step)"
+            )
+        if self.num_nodes < 1:
+            raise ValueError(f"trainer.num_nodes={self.num_nodes!r} must be >= 1")
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"trainer.log_every_n_steps={self.log_every_n_steps!r} must be >= 1")
+        if self.check_val_every_n_epoch is not None and self.check_val_every_n_epoch < 1:
+            raise ValueError(
+                f"trainer.check_val_every_n_epoch={self.check_val_every_n_epoch!r} must be >= 1, or null to "
+                "count trainer.val_check_interval across epochs"
+            )
+        if self.num_sanity_val_steps is not None and self.num_sanity_val_steps < -1:
+            raise ValueError(
+                f"trainer.num_sanity_val_steps={self.num_sanity_val_steps!r} must be >= 0, or -1 for all"
+            )
+        if self.gradient_clip_val is not None and not (
+            _number(self.gradient_clip_val) and self.gradient_clip_val >= 0
+        ):
+            raise ValueError(
+                f"trainer.gradient_clip_val={self.gradient_clip_val!r} must be >= 0, or null for no clipping"
+            )
+        _check_batches("trainer.val_check_interval", self.val_check_interval, zero=False, none=True)
+        _check_batches("trainer.limit_train_batches", self.limit_train_batches, zero=False, none=True)
+        _check_batches("trainer.limit_val_batches", self.limit_val_batches, zero=True, none=True)
+        _check_batches("trainer.overfit_batches", self.overfit_batches, zero=True, none=False)
+        if not (isinstance(self.fast_dev_run, bool) or (_int(self.fast_dev_run) and self.fast_dev_run >= 0)):
+            raise ValueError(
+                f"trainer.fast_dev_run={self.fast_dev_run!r} must be true/false or a number of batches"
+            )
+        _check_devices(self.devices)
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    """A real, finite number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_batches(key: str, value: Any, zero: bool, none: bool) -> None:
+    """Lightning's batch-count settings: an int (a number of batches) or a float in (0, 1] (a fraction)."""
+    if value is None and none:
+        return
+    if _int(value) and (value > 0 or (zero and value == 0)):
+        return
+    if _number(value) and isinstance(value, float) and (0 < value <= 1 or (zero and value == 0)):
+        return
+    least = "0" if zero else "1"
+    raise ValueError(
+        f"{key}={value!r} must be a number of batches (>= {least}) or a fraction in "
+        f"{'[0' if zero else '(0'}, 1.0]{', or null' if none else ''}"
+    )
+
+
+def _check_devices(devices: Any) -> None:
+    ok = (
+        devices == "auto"
+        or (_int(devices) and (devices >= 1 or devices == -1))
+        or (
+            isinstance(devices, str)
+            and all(p.strip().isdigit() for p in devices.split(",") if p.strip())
+            and devices.strip()
+        )
+        or (isinstance(devices, (list, tuple)) and devices and all(_int(d) and d >= 0 for d in devices))
+    )
+    if not ok:
+        raise ValueError(
+            f"trainer.devices={devices!r} must be a number of devices (>= 1), -1 (all), 'auto', or device "
+            "indices like [0, 1]"
+        )
+
 
 @dataclass
 class LoggerConfig:
@@ -66,7 +155,8 @@ class LoggerConfig:
         name: the W&B run name (default: the run name).
         offline: default: online iff a W&B API key is set.
         log_model: upload the adapter as a W&B artifact (online runs).
-        init_timeout: seconds W&B may take to start online before the run falls back to offline.
+        init_timeout: seconds W&B may take to start online before the run falls back to offline (said
+            on the console when it tries).
         save_dir: default: the run directory.
     """
 
@@ -79,17 +169,34 @@ class LoggerConfig:
     job_type: str | None = None
     offline: bool | None = None
     log_model: bool = True
-    init_timeout: float = 60.0
+    init_timeout: float = 15.0
     save_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOGGERS:
+            raise ValueError(f"logger.kind={self.kind!r} is not supported; use one of {', '.join(LOGGERS)}")
+        if not _number(self.init_timeout) or self.init_timeout <= 0:
+            raise ValueError(
+                f"logger.init_timeout={self.init_timeout!r} must be a positive number of seconds"
+            )
+
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
 class CallbacksConfig:
-    """Monitors and checkpoints.
+    """Monitors, checkpoints and the non-finite guard (:class:`~lightning_qlora.guards.NonFiniteGuard`).
 
     Args:
         checkpoint_every_n_steps: ``null``: Lightning's default (end of each epoch).
         save_adapter_on_checkpoint: a PEFT-format adapter directory next to each checkpoint.
+        on_nonfinite: what a NaN/inf loss, gradient or adapter weight does: ``stop`` ends the run
+            (exit code 3) keeping the last good adapter as the final one; ``skip`` drops that batch's
+            update and goes on, up to ``max_skipped_batches``, then stops.
+        max_skipped_batches: with ``skip``: how many updates may be skipped in a run before it stops.
+        zero_grad_warn_steps: warn once when the adapters' gradient is exactly zero for this many
+            optimizer steps in a row (nothing is learned; 0 turns the warning off).
     """
 
     memory_monitor: bool = True
@@ -98,6 +205,29 @@ class CallbacksConfig:
     checkpoint: bool = True
     checkpoint_every_n_steps: int | None = None
     save_adapter_on_checkpoint: bool = True
+    on_nonfinite: str = "stop"
+    max_skipped_batches: int = 10
+    zero_grad_warn_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"callbacks.on_nonfinite={self.on_nonfinite!r} is not a policy; use one of "
+                f"{', '.join(NONFINITE_POLICIES)}"
+            )
+        if self.max_skipped_batches < 0:
+            raise ValueError(f"callbacks.max_skipped_batches={self.max_skipped_batches!r} must be >= 0")
+        if self.zero_grad_warn_steps < 0:
+            raise ValueError(
+                f"callbacks.zero_grad_warn_steps={self.zero_grad_warn_steps!r} must be >= 0 (0: no warning)"
+            )
+        if self.log_every_n_steps < 1:
+            raise ValueError(f"callbacks.log_every_n_steps={self.log_every_n_steps!r} must be >= 1")
+        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps < 1:
+            raise ValueError(
+                f"callbacks.checkpoint_every_n_steps={self.checkpoint_every_n_steps!r} must be >= 1, or null "
+                "(the end of each epoch)"
+            )
 
 
 @dataclass
@@ -106,6 +236,10 @@ class SampleConfig:
 
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sample.max_new_tokens={self.max_new_tokens!r} must be >= 1")
 
 
 def _schema(cls: type) -> Any:

@@ -46,8 +46,8 @@ class LoRAConfig:
             raise ValueError(f"lora.r={self.r!r} must be a positive integer (e.g. 8, 16, 64)")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        if float(self.alpha) <= 0:
-            raise ValueError(f"lora.alpha={self.alpha} must be positive")
+        if not math.isfinite(float(self.alpha)) or float(self.alpha) <= 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be a positive finite number")
         if not isinstance(self.target_modules, str):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

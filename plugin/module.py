@@ -17,7 +17,6 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .hub import looks_local
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
@@ -28,9 +27,9 @@ class ModelConfig:
     """Which model to fine-tune and how to run it. Also the Hydra schema of the ``model`` group.
 
     Args:
-        name_or_path: hub id or local directory for ``from_pretrained``; with ``from_config`` set it
-            only names the model.
-        from_config: build from this config with random weights instead: a dict of config kwargs
+        name_or_path: hub id or local directory of a saved model (16-bit, or a bitsandbytes 4-bit
+            checkpoint); when set, it is what loads (``from_config`` applies only when it is null).
+        from_config: with ``name_or_path`` null, build from this config with random weights: a dict of config kwargs
             with ``model_type``, or a path to a ``config.json`` or a model directory (see
             :func:`build_hf_config`).
         tokenizer: ``None``: the model's own; ``"byte"``: the offline byte-level tokenizer; or a
@@ -199,23 +198,23 @@ class CausalLMModule(L.LightningModule):
         kwargs: dict[str, Any] = {"trust_remote_code": c.trust_remote_code}
         if c.attn_implementation:
             kwargs["attn_implementation"] = c.attn_implementation
-        if c.from_config is not None:
+        if c.from_config is not None and not c.name_or_path:
             hf_config = build_hf_config(c.from_config, self.config_overrides)
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
-            path = str(c.name_or_path)
-            if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-                raise FileNotFoundError(f"model.name_or_path={path!r} does not exist")
-            # Inside QLoRAPrecision's init context the default dtype is the compute dtype. The weights
-            # load on the host (memory-mapped) and each linear weight is quantized on its way to the
-            # accelerator, so the 16-bit model never sits on the GPU whole.
-            model = AutoModelForCausalLM.from_pretrained(
-                os.path.expanduser(path),
+            from .checkpoint4bit import load_pretrained
+
+            # A 16-bit checkpoint loads on the host in the plugin's compute dtype (the default dtype inside its
+            # init context) and each linear weight is quantized on its way to the accelerator; a bitsandbytes
+            # 4-bit one goes into the plugin's 4-bit layers as it is, straight onto the root device.
+            model = load_pretrained(
+                c.name_or_path,
                 dtype=torch.get_default_dtype(),
                 revision=c.revision,
-                device_map="cpu",
-                **kwargs,
+                trust_remote_code=c.trust_remote_code,
+                attn_implementation=c.attn_implementation,
+                plugin=self._trainer.precision_plugin if self._trainer is not None else None,
             )
             for key, value in self.config_overrides.items():
                 if key != "vocab_size":
@@ -243,18 +242,13 @@ class CausalLMModule(L.LightningModule):
 
     def _choose_checkpointing(self, shape: Any) -> Any:
         plugin = self.trainer.precision_plugin if self._trainer is not None else None
-        quant, lora = getattr(plugin, "quant", None), getattr(plugin, "lora", None)
-        return choose_checkpointing(
-            float(self.config.max_memory_gib),
-            Shapes.from_hf(self.model.config),
+        return plan_checkpointing(
+            self.config,
+            self.model.config,
             int(shape[0]),
             int(shape[1]),
-            lora_r=lora.r if lora is not None else 16,
-            quantized=quant is not None,
-            blocksize=quant.blocksize if quant is not None else 64,
-            double_quant=quant.double_quant if quant is not None else True,
+            plugin,
             dtype_bytes=next(p for p in self.model.parameters() if p.is_floating_point()).element_size(),
-            loss_chunk=self.config.loss_chunk_size,
             compiled=bool(getattr(self.model, "_blocks_compiled", False)),
         )
 
@@ -325,6 +319,40 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def plan_checkpointing(
+    config: ModelConfig,
+    hf_config: Any,
+    batch: int,
+    seq: int,
+    plugin: Any = None,
+    dtype_bytes: int = 2,
+    compiled: bool = False,
+) -> Any:
+    """The fastest checkpointing whose estimated peak fits ``config.max_memory_gib`` (an ``Estimate``).
+
+    The pre-flight calls it with the data's batch and ``max_length`` (eager, the larger estimate), so a
+    budget that cannot be met stops the run before anything loads; the module calls it again at the
+    first batch with the batch's real shape.
+
+    Raises:
+        ValueError: not even offloaded checkpointing fits; the message has the estimate by part.
+    """
+    quant, lora = getattr(plugin, "quant", None), getattr(plugin, "lora", None)
+    return choose_checkpointing(
+        float(config.max_memory_gib),
+        Shapes.from_hf(hf_config),
+        batch,
+        seq,
+        lora_r=lora.r if lora is not None else 16,
+        quantized=plugin is None or quant is not None,
+        blocksize=quant.blocksize if quant is not None else 64,
+        double_quant=quant.double_quant if quant is not None else True,
+        dtype_bytes=dtype_bytes,
+        loss_chunk=config.loss_chunk_size,
+        compiled=compiled,
+    )
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

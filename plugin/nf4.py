@@ -9,14 +9,14 @@ kept alive between the two passes and nothing but a reference to the packed weig
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 import torch
-from lightning.fabric.plugins.precision.utils import _ClassReplacementContextManager
+from lightning.fabric.plugins.precision.utils import _ClassReplacementContextManager, _DtypeContextManager
 from torch import Tensor, nn
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -318,6 +318,36 @@ class Linear4bit(nn.Module):
         self._refresh_packed()
         return out
 
+    def load_prequantized(self, tensors: Mapping[str, Tensor], device: torch.device | str) -> None:
+        """Takes an already-quantized weight as bitsandbytes serializes it, without re-quantizing.
+
+        Args:
+            tensors: the weight's entries of a transformers 4-bit checkpoint, keyed by suffix: ``""``
+                (the packed codes), ``"absmax"``, ``"quant_map"``, ``"nested_absmax"``,
+                ``"nested_quant_map"`` and ``"quant_state.bitsandbytes__nf4"`` (or ``__fp4``).
+            device: where the weight lives from now on.
+
+        Raises:
+            ValueError: the serialized weight does not have this layer's shape.
+        """
+        # The packed bytes are stored in whatever dtype this layer was built with (its quant_storage):
+        # FSDP needs them in the compute dtype, files usually hold uint8; only the view changes.
+        weight = params4bit_from_serialized(tensors, device, quant_storage=self.weight.quant_storage)
+        shape = tuple(weight.quant_state.shape)
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"the 4-bit weight has shape {shape}, the layer expects {(self.out_features, self.in_features)}"
+            )
+        self.weight = weight
+        self.quant_type = weight.quant_type
+        self.blocksize = weight.blocksize
+        self.double_quant = weight.compress_statistics
+        self._refresh_packed()
+
+    def serialized_weight(self) -> dict[str, Tensor]:
+        """The quantized weight as transformers writes it (see :func:`serialize_params4bit`); quantizes first if needed."""
+        return serialize_params4bit(self.frozen_weight())
+
     def dequantized_weight(self) -> Tensor:
         if not self.quantized:
             return self.weight.data.clone()
@@ -370,6 +400,64 @@ def _params4bit(weight: Tensor, config: QuantConfig) -> bnb.nn.Params4bit:
         compress_statistics=config.double_quant,
         quant_storage=config.quant_storage,
     )
+
+
+def quantize_tensor(weight: Tensor, config: QuantConfig, device: torch.device | str) -> bnb.nn.Params4bit:
+    """``weight`` quantized on ``device`` to exactly the bytes a :class:`Linear4bit` built with ``config`` holds.
+
+    The weight moves to ``device`` before it is cast to the compute dtype: quantizing on a GPU, the
+    host never holds the cast copy. The cast is exact rounding either way, so the bytes do not
+    depend on where it happens.
+    """
+    device = torch.device(device)
+    return _params4bit(weight.detach().to(device), config)._quantize(device)
+
+
+# The suffixes (after "<layer>.weight") of a bitsandbytes 4-bit weight in a transformers checkpoint.
+SERIALIZED_PARTS = (
+    "",
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+    ".quant_state.bitsandbytes__fp4",
+)
+
+
+def serialize_params4bit(weight: bnb.nn.Params4bit) -> dict[str, Tensor]:
+    """A quantized weight as host tensors keyed by suffix (``""``, ``".absmax"``, ...): transformers' format.
+
+    Every tensor is a fresh host copy: bitsandbytes shares its code tables between layers, and
+    safetensors refuses to write one storage under two names.
+    """
+    if not getattr(weight, "bnb_quantized", False):
+        raise ValueError("the weight is not quantized yet; move its layer to a device first")
+    parts = {"": weight.data, **{"." + k: v for k, v in weight.quant_state.as_dict(packed=True).items()}}
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in parts.items()}
+
+
+def params4bit_from_serialized(
+    tensors: Mapping[str, Tensor], device: torch.device | str, quant_storage: torch.dtype | None = None
+) -> bnb.nn.Params4bit:
+    """The inverse of :func:`serialize_params4bit` (keys with or without their leading dot), on ``device``.
+
+    Args:
+        tensors: the packed codes under ``""`` and the quant-state entries.
+        device: where the weight is placed.
+        quant_storage: reinterpret the packed bytes as this dtype (default: as stored).
+    """
+    parts = {k.lstrip("."): v for k, v in tensors.items()}
+    data = parts.pop("")
+    if quant_storage is not None and data.dtype != quant_storage:
+        # bitsandbytes stores packed codes of another storage dtype as the same bytes, viewed: (n, 1).
+        data = data.reshape(-1).view(quant_storage).unsqueeze(1)
+    # from_dict consumes its argument (the caller's mapping stays intact), and builds the double-quant
+    # offset with torch.tensor(float): under an init context's bf16 default dtype it would be rounded.
+    with _DtypeContextManager(torch.float32):
+        return bnb.nn.Params4bit.from_prequantized(
+            data=data, quantized_stats=dict(parts), requires_grad=False, device=torch.device(device)
+        )
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -49,7 +49,30 @@ class OptimizerConfig:
             raise ValueError(
                 f"optimizer.scheduler={self.scheduler!r} is not supported; use one of {SCHEDULERS}"
             )
+        # Each is refused here, before a run starts: lr <= 0 made Lightning fail mid-setup, and a
+        # non-finite value trains NaN from the first step.
+        if not _finite(self.lr) or self.lr <= 0:
+            raise ValueError(f"optimizer.lr={self.lr!r} must be a positive number (QLoRA uses 1e-4 to 2e-4)")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay!r} must be >= 0 (0 turns it off)")
+        if len(self.betas) != 2 or not all(_finite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(
+                f"optimizer.betas={list(self.betas)!r} must be two numbers in [0, 1), e.g. [0.9, 0.999]"
+            )
+        if not _finite(self.eps) or self.eps <= 0:
+            raise ValueError(f"optimizer.eps={self.eps!r} must be a small positive number, e.g. 1e-8")
+        if isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps={self.warmup_steps!r} must be >= 0")
+        if not _finite(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optimizer.warmup_ratio={self.warmup_ratio!r} must be in [0, 1)")
+        if not _finite(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         self.betas = [float(b) for b in self.betas]
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def build_optimizer(params: Iterable[Tensor], config: OptimizerConfig) -> torch.optim.Optimizer:

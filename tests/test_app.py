@@ -11,6 +11,7 @@ from conftest import micro_overrides, write_jsonl
 from safetensors.torch import load_file
 
 from lightning_qlora import builders as B
+from lightning_qlora import preflight as P
 from lightning_qlora import train as T
 
 
@@ -68,7 +69,7 @@ def test_a_saved_model_loads_back_through_from_pretrained(compose, tiny_llama_di
             "model.tokenizer=null",
         ],
     )
-    B.check_model_source(cfg)
+    P.check_model_source(cfg)
     tokenizer = B.build_tokenizer(cfg)
     assert len(tokenizer) == 262  # the tokenizer saved with the model
     plugin = B.build_plugin(cfg)

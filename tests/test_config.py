@@ -89,6 +89,7 @@ NON_DEFAULTS = {
         "val_split": None,
         "val_fraction": 0.2,
         "max_length": 48,
+        "on_overlong": "drop",
         "train_on_prompt": True,
         "packing": True,
         "batch_size": 3,

@@ -1,9 +1,11 @@
 """Data module and tokenizer: formats, loss masks, packing, splits, caching, bad input."""
 
+import csv
 import dataclasses
 import json
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,6 +16,7 @@ from lightning_qlora.data import (
     DataConfig,
     InstructDataModule,
     build_byte_tokenizer,
+    describe_data_losses,
     load_tokenizer,
 )
 
@@ -168,6 +171,74 @@ def test_truncation(tmp_path, tok):
     assert dm.train_dataset[0]["input_ids"][-1] != tok.eos_token_id  # cut, so no EOS
 
 
+def test_overlong_examples_are_counted_and_follow_on_overlong(tmp_path, tok):
+    """A huge row and long ones: truncated (counted, reported), dropped, or refused naming the line."""
+    rows = [
+        {"instruction": "Short.", "output": "ok"},
+        {"instruction": "Repeat.", "output": "x" * 150_000},  # line 2: over csv's 128 KiB field limit
+        {"instruction": "y" * 200, "output": "z"},  # line 3: the prompt alone fills max_length
+        {"instruction": "Echo.", "output": "w" * 100},  # line 4
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    short = len(tok("### Instruction:\nShort.\n\n### Response:\nok")["input_ids"]) + 1  # + EOS
+    dm = dm_for(tmp_path, tok, path, max_length=64, prompt_template="short")
+    s = dm.stats
+    assert (s["rows"], s["train_rows"], s["truncated"], s["dropped"], s["dropped_empty"]) == (4, 3, 2, 1, 0)
+    kept = sum(len(ids) for ids in dm.train_dataset["input_ids"])
+    assert kept == short + 64 + 64
+    full = [
+        len(tok(f"### Instruction:\n{r['instruction']}\n\n### Response:\n{r['output']}")["input_ids"]) + 1
+        for r in rows
+    ]
+    assert s["lost_tokens"] == sum(full) - kept  # every token not trained on is counted
+    line = describe_data_losses(s)
+    assert line == (
+        f"data: of 4 examples, 2 truncated to data.max_length=64, 1 dropped (the prompt alone fills "
+        f"data.max_length=64); {s['lost_tokens']:,} tokens lost. Raise data.max_length to keep them, or set "
+        "data.on_overlong=drop|error"
+    )
+
+    dropped = dm_for(tmp_path, tok, path, max_length=64, prompt_template="short", on_overlong="drop")
+    assert (dropped.stats["truncated"], dropped.stats["dropped"], dropped.stats["train_rows"]) == (0, 3, 1)
+    assert len(dropped.train_dataset[0]["input_ids"]) == short
+    assert "3 dropped as longer than data.max_length=64" in describe_data_losses(dropped.stats)
+
+    with pytest.raises(
+        ValueError,
+        match=r"long\.jsonl, line 2: the example is 150042 tokens, more than data\.max_length=64; .*on_overlong=truncate",
+    ):
+        dm_for(tmp_path, tok, path, max_length=64, prompt_template="short", on_overlong="error")
+    csv_path = tmp_path / "long.csv"  # a cell over the csv module's 128 KiB field limit is data, not an error
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["instruction", "output"])
+        writer.writeheader()
+        writer.writerows(rows[:2])
+    with pytest.raises(ValueError, match=r"long\.csv, line 3: the example is"):
+        dm_for(tmp_path, tok, csv_path, max_length=64, prompt_template="short", on_overlong="error")
+    assert dm_for(tmp_path, tok, csv_path, max_length=64, prompt_template="short").stats["truncated"] == 1
+    assert describe_data_losses(dm_for(tmp_path, tok, write_jsonl(tmp_path / "ok.jsonl", ROWS)).stats) is None
+
+
+def test_held_out_rows_are_named_by_their_own_line(tmp_path, tok):
+    rows = [*ROWS * 3, {"instruction": "Repeat.", "output": "x" * 300}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    # The held-out rows are the first round(19 * 0.5) of a permutation seeded with data.seed: one seed
+    # that holds line 19 out, one that trains on it; the message names line 19 either way.
+    held = {18 in np.random.default_rng(seed).permutation(19)[:10]: seed for seed in range(50)}
+    for seed in (held[True], held[False]):
+        with pytest.raises(ValueError, match=r"d\.jsonl, line 19: the example is"):
+            dm_for(
+                tmp_path,
+                tok,
+                path,
+                val_fraction=0.5,
+                max_length=200,
+                on_overlong="error",
+                prompt_template="short",
+                seed=seed,
+            )
+
+
 def test_batches_right_padded(tmp_path, tok):
     dm = dm_for(tmp_path, tok, write_jsonl(tmp_path / "d.jsonl", ROWS), batch_size=3)
     batch = next(iter(dm.val_dataloader() or [None]), None)
@@ -299,6 +370,23 @@ def test_row_missing_field(tmp_path, tok):
         dm_for(tmp_path, tok, write_jsonl(tmp_path / "chat.jsonl", chats))
 
 
+def test_not_utf8_names_the_line_and_a_folder_is_not_called_a_file(tmp_path, tok):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        json.dumps(ROWS[0]).encode() + b"\n" + '{"instruction": "café", "output": "x"}'.encode("latin-1")
+    )
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 21"):
+        dm_for(tmp_path, tok, path)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.md").write_text("nothing to train on")
+    with pytest.raises(ValueError) as e:
+        dm_for(tmp_path, tok, folder)
+    assert f"could not load the data folder '{folder}'" in str(e.value) and "not a local file" not in str(
+        e.value
+    )
+
+
 def test_malformed_json(tmp_path, tok):
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + '{"instruction": "x", "output": \n')
@@ -345,6 +433,7 @@ def test_data_config_is_the_one_declaration(tmp_path, tok):
         "val_split": None,
         "val_fraction": 0.25,
         "max_length": 64,
+        "on_overlong": "truncate",
         "train_on_prompt": True,
         "packing": True,
         "batch_size": 2,
@@ -368,5 +457,7 @@ def test_data_config_is_the_one_declaration(tmp_path, tok):
     for key, bad in (("batch_size", 0), ("max_length", 0), ("val_fraction", 1.0), ("num_workers", -1)):
         with pytest.raises(ValueError, match=rf"^data\.{key} .*got {bad}"):
             InstructDataModule(tok, **{key: bad})
+    with pytest.raises(ValueError, match=r"^data\.on_overlong='cut' is not one of truncate, drop, error"):
+        InstructDataModule(tok, on_overlong="cut")
     with pytest.raises(TypeError, match="DataConfig"):
         InstructDataModule(tok, {"batch_size": 2})

@@ -11,7 +11,11 @@ from typing import Any
 
 _LAZY = {
     "DataConfig": ".config",
+    "ON_OVERLONG": ".config",
     "InstructDataModule": ".datamodule",
+    "describe_data_losses": ".datamodule",
+    "EpochSampler": ".loader",
+    "ResumableLoader": ".loader",
     "FORMATS": ".formats",
     "PROMPT_TEMPLATES": ".formats",
     "BUILTIN": ".readers",

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from .formats import FORMATS, resolve_template
 
+ON_OVERLONG = ("truncate", "drop", "error")  # what `data.on_overlong` may be
+
 
 @dataclass
 class DataConfig:
@@ -26,7 +28,12 @@ class DataConfig:
             `val_fraction` of the training rows instead.
         val_fraction: the seeded share of training rows held out when `val_split` is None
             (at least one row); 0 disables validation.
-        max_length: examples are truncated to this many tokens (packed rows have exactly it).
+        max_length: the longest example, in tokens (packed rows have exactly it); what happens to
+            longer ones is `on_overlong`.
+        on_overlong: an example longer than `max_length` is cut to it ("truncate"; one whose
+            prompt alone fills it is dropped, having nothing to train on), left out ("drop"), or
+            stops the run naming its file and row ("error"). What was cut or dropped is counted
+            in `InstructDataModule.stats` and reported.
         train_on_prompt: also put loss on prompt tokens (and user turns in chats).
         packing: concatenate examples into rows of exactly `max_length` tokens.
         batch_size: rows per batch.
@@ -35,7 +42,8 @@ class DataConfig:
             and optionally `{input}`.
         text_field: the column holding plain text (text format, and .txt files).
         max_samples: keep only the first N rows of each split (quick runs); `None` keeps all.
-        seed: seeds the held-out split and the order rows are packed in.
+        seed: seeds the held-out split, the order rows are packed in, and the order of
+            training batches (epoch `e` uses a permutation seeded with `seed + e`).
         cache_dir: where processed data is cached (`None`: the datasets cache).
 
     Raises:
@@ -49,6 +57,7 @@ class DataConfig:
     val_split: str | None = None
     val_fraction: float = 0.05
     max_length: int = 512
+    on_overlong: str = "truncate"
     train_on_prompt: bool = False
     packing: bool = False
     batch_size: int = 4
@@ -70,6 +79,11 @@ class DataConfig:
             )
         if self.max_length < 2:  # the first token of an example carries no loss: one more must
             raise ValueError(f"data.max_length must be at least 2, got {self.max_length}")
+        if self.on_overlong not in ON_OVERLONG:
+            raise ValueError(
+                f"data.on_overlong={self.on_overlong!r} is not one of {', '.join(ON_OVERLONG)}: truncate cuts "
+                "long examples to data.max_length, drop leaves them out, error stops at the first one"
+            )
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:

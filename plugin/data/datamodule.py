@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..loss import IGNORE_INDEX
-from .config import DataConfig
+from .config import ON_OVERLONG, DataConfig
 from .encoding import encode_examples, flat, pack
 from .formats import instruction_prompt, resolve_template
+from .loader import EpochSampler, ResumableLoader, resume_mismatch
 from .readers import (
     EXTENSIONS,
     detect_format,
@@ -37,7 +39,7 @@ from .readers import (
 )
 from .tokenizer import load_tokenizer
 
-_CACHE_VERSION = 1  # bump when reading, encoding or packing changes what ends up in the cache
+_CACHE_VERSION = 2  # bump when reading, encoding or packing changes what ends up in the cache
 # The settings that change the processed data, hence its cache key (batching and workers do not).
 _KEYED_SETTINGS = (
     "format",
@@ -45,6 +47,7 @@ _KEYED_SETTINGS = (
     "val_split",
     "val_fraction",
     "max_length",
+    "on_overlong",
     "train_on_prompt",
     "packing",
     "prompt_template",
@@ -65,6 +68,40 @@ def _tokenizer_fingerprint(tok: Any) -> str:
     ids = [type(tok).__name__, tok.chat_template, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
     h.update(json.dumps(ids, default=str).encode())
     return h.hexdigest()[:16]
+
+
+def describe_data_losses(stats: dict[str, Any]) -> str | None:
+    """One line saying what `data.max_length` / `data.on_overlong` cost, or None when nothing was lost.
+
+    Args:
+        stats: `InstructDataModule.stats` after `setup`.
+
+    Example:
+        "data: of 1,600 examples, 2 truncated to data.max_length=128, 1 dropped (its prompt alone
+        fills data.max_length=128); 1,234 tokens lost. Raise data.max_length to keep them, or set
+        data.on_overlong=drop|error"
+    """
+    truncated, dropped = stats.get("truncated", 0), stats.get("dropped", 0)
+    if not truncated and not dropped:
+        return None
+    empty, max_length = stats.get("dropped_empty", 0), stats.get("max_length")
+    policy = stats.get("on_overlong", "truncate")
+    parts = [f"{truncated:,} truncated to data.max_length={max_length}"] if truncated else []
+    if long := dropped - empty:
+        parts.append(
+            f"{long:,} dropped as longer than data.max_length={max_length} (data.on_overlong=drop)"
+            if policy == "drop"
+            else f"{long:,} dropped (the prompt alone fills data.max_length={max_length})"
+        )
+    if empty:
+        parts.append(
+            f"{empty:,} dropped with nothing to train on (no response, e.g. a chat without an assistant turn)"
+        )
+    line = f"data: of {stats.get('rows', 0):,} examples, {', '.join(parts)}; {stats.get('lost_tokens', 0):,} tokens lost"
+    if truncated or long:
+        others = "|".join(p for p in ON_OVERLONG if p != policy)
+        line += f". Raise data.max_length to keep them, or set data.on_overlong={others}"
+    return line
 
 
 class _Collator:
@@ -187,23 +224,45 @@ class InstructDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ tokenizing
 
     def _tokenize(
-        self, ds: datasets.Dataset, fmt: str, what: str, source: str
+        self, ds: datasets.Dataset, fmt: str, what: str, source: str, where: Callable[[int], str]
     ) -> tuple[datasets.Dataset, dict]:
-        n = {"rows": len(ds), "truncated": 0, "dropped": 0}
+        """Token ids and labels of every example, with `data.on_overlong` applied to the long ones.
+
+        Returns the tokenized split and its counts: `rows` examples read, `truncated` and `dropped`
+        examples, `dropped_empty` (nothing to train on even at full length, e.g. a chat without an
+        assistant turn; part of `dropped`), `lost_tokens` (cut from truncated examples plus all
+        tokens of dropped ones).
+        """
+        n = {"rows": len(ds), "truncated": 0, "dropped": 0, "dropped_empty": 0, "lost_tokens": 0}
         max_length, max_samples = self.config.max_length, self.config.max_samples
+        policy = self.config.on_overlong
 
         def fn(batch: dict) -> dict:
             out = {"input_ids": [], "labels": []}
-            for ids, labels in encode_examples(
-                self.tokenizer, batch, fmt, self.templates, self.config.train_on_prompt
-            ):
-                if len(ids) > max_length:
-                    n["truncated"] += 1
-                    ids, labels = ids[:max_length], labels[:max_length]
-                labels = [IGNORE_INDEX, *labels[1:]]
-                if all(x == IGNORE_INDEX for x in labels):  # the prompt alone fills max_length
+            pairs = encode_examples(self.tokenizer, batch, fmt, self.templates, self.config.train_on_prompt)
+            for row, (ids, labels) in zip(batch.get("_row", []), pairs, strict=True):
+                full = len(ids)
+                # nothing inside an example predicts its first token, so its first label never counts
+                if all(x == IGNORE_INDEX for x in labels[1:]):
                     n["dropped"] += 1
+                    n["dropped_empty"] += 1
+                    n["lost_tokens"] += full
                     continue
+                if full > max_length:
+                    if policy == "error":
+                        raise ValueError(
+                            f"{where(row)}: the example is {full} tokens, more than data.max_length={max_length}; "
+                            "raise data.max_length, or set data.on_overlong=truncate (cut it) or drop (skip it)"
+                        )
+                    ids, labels = ids[:max_length], [IGNORE_INDEX, *labels[1:max_length]]
+                    if policy == "drop" or all(x == IGNORE_INDEX for x in labels):  # the prompt fills it
+                        n["dropped"] += 1
+                        n["lost_tokens"] += full
+                        continue
+                    n["truncated"] += 1
+                    n["lost_tokens"] += full - max_length
+                else:
+                    labels = [IGNORE_INDEX, *labels[1:]]
                 out["input_ids"].append(ids)
                 out["labels"].append(labels)
             return out
@@ -217,7 +276,15 @@ class InstructDataModule(L.LightningDataModule):
             desc=f"Tokenizing {what}",
         )
         if len(ds) == 0:
-            why = f"{n['dropped']} of {n['rows']} dropped because the prompt alone fills max_length={max_length}"
+            why = f"{n['dropped']} of {n['rows']} dropped"
+            if n["dropped_empty"]:
+                why += f" ({n['dropped_empty']} with nothing to train on, e.g. no assistant turn)"
+            if n["dropped"] > n["dropped_empty"]:
+                why += (
+                    f" because the prompt alone fills max_length={max_length}"
+                    if policy == "truncate"
+                    else f" as longer than max_length={max_length} (data.on_overlong=drop)"
+                )
             if n["rows"] == 0:
                 why = "no rows" + (f" (max_samples={max_samples})" if max_samples is not None else "")
             raise ValueError(
@@ -266,15 +333,20 @@ class InstructDataModule(L.LightningDataModule):
         def normalized(rows: list | datasets.Dataset, desc: str) -> datasets.Dataset:
             return normalize_rows(rows, desc, fmt, c.text_field, c.max_samples, self._key)
 
+        def locator(rows: list | datasets.Dataset, desc: str) -> Callable[[int], str]:
+            """Where row `i` (the `_row` column) came from, for messages: "file, line 7"."""
+            return (lambda i: rows[i][0]) if isinstance(rows, list) else (lambda i: f"{desc}, row {i + 1}")
+
         rows, cols, desc = split_rows(kind, src, c.train_split, hub, c.text_field)
         fmt = detect_format(cols, c.text_field, desc) if c.format == "auto" else c.format
         train = normalized(rows, desc)
+        where_train = where_val = locator(rows, desc)  # held-out rows keep their `_row`
         if val_src is not None:
             vrows, _, vdesc = split_rows("file", val_src, "", None, c.text_field)
-            val = normalized(vrows, vdesc)
+            val, where_val = normalized(vrows, vdesc), locator(vrows, vdesc)
         elif c.val_split is not None:
             vrows, _, vdesc = split_rows(kind, src, c.val_split, hub, c.text_field)
-            val = normalized(vrows, vdesc)
+            val, where_val = normalized(vrows, vdesc), locator(vrows, vdesc)
         elif c.val_fraction > 0 and len(train) > 0:
             n_val = max(1, round(len(train) * c.val_fraction))
             if n_val >= len(train):
@@ -290,18 +362,22 @@ class InstructDataModule(L.LightningDataModule):
         samples = (val if val is not None else train).select(
             range(min(8, len(val if val is not None else train)))
         )
+        samples = samples.remove_columns([c for c in ("_row",) if c in samples.column_names])
 
-        train, tn = self._tokenize(train, fmt, "training", desc)
+        train, tn = self._tokenize(train, fmt, "training", desc, where_train)
         stats = {
             "format": fmt,
             "train_rows": tn["rows"] - tn["dropped"],
-            "truncated": tn["truncated"],
-            "dropped": tn["dropped"],
+            "max_length": c.max_length,
+            "on_overlong": c.on_overlong,
         }
+        counts = dict(tn)
         if val is not None:
-            val, vn = self._tokenize(val, fmt, "validation", desc)
-            stats.update(val_rows=vn["rows"] - vn["dropped"], truncated=tn["truncated"] + vn["truncated"])
-            stats["dropped"] += vn["dropped"]
+            val, vn = self._tokenize(val, fmt, "validation", desc, where_val)
+            stats["val_rows"] = vn["rows"] - vn["dropped"]
+            counts = {k: tn[k] + vn[k] for k in tn}
+        # totals over both splits: `rows` read, and what data.max_length / on_overlong cost of them
+        stats.update(counts)
         if c.packing:
             train = pack(train, c.max_length, self.pad_id, c.seed)
             val = None if val is None else pack(val, c.max_length, self.pad_id, c.seed)
@@ -345,20 +421,55 @@ class InstructDataModule(L.LightningDataModule):
         self.stats, self._samples = {**meta["stats"], "cache": str(out)}, meta["samples"]
         self.data_format = meta["stats"]["format"]
 
-    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=self.config.batch_size,
-            shuffle=shuffle,
-            num_workers=self.config.num_workers,
-            collate_fn=_Collator(self.pad_id),
-            persistent_workers=self.config.num_workers > 0,
-        )
+    def _loader_args(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.config.batch_size,
+            "num_workers": self.config.num_workers,
+            "collate_fn": _Collator(self.pad_id),
+            "persistent_workers": self.config.num_workers > 0,
+            # worker seeds come from here, not from the global RNG, which dropout draws from
+            "generator": torch.Generator(),
+        }
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader(self.train_dataset, shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Training batches in a seeded order per epoch; the position within the epoch is checkpointed.
+
+        Epoch `e` visits the rows in the order of a permutation seeded with `data.seed + e` (split
+        over the ranks under DDP), and the loader's `state_dict` (epoch, batches handed out, RNG
+        state) goes into Lightning checkpoints, so a resumed run continues with the very next batch.
+        """
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(self.train_dataset, seed=self.config.seed, num_replicas=replicas, rank=rank)
+        return ResumableLoader(
+            self.train_dataset,
+            sampler=sampler,
+            limit_batches=lambda: getattr(self.trainer, "limit_train_batches", None),
+            **self._loader_args(),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or `[]` (Lightning then skips validation) without a val set."""
-        return [] if self.val_dataset is None else self._loader(self.val_dataset, shuffle=False)
+        if self.val_dataset is None:
+            return []
+        return DataLoader(self.val_dataset, shuffle=False, **self._loader_args())
+
+    def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
+        """Why a Lightning checkpoint's saved data position does not fit this data, or None.
+
+        For a pre-flight check of `ckpt_path` (after `setup`): a position saved for another row
+        count, batch size or seed cannot name the same batches. A checkpoint without a saved
+        position (none of our loaders in it) is not a problem here.
+        """
+        try:
+            states = checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader") or []
+        except (KeyError, TypeError, AttributeError):
+            return None
+        if not states or self.train_dataset is None:
+            return None
+        current = {
+            "rows": len(self.train_dataset),
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+        }
+        return resume_mismatch(states[0], current)

@@ -46,7 +46,7 @@ def resolve_template(template: str | None) -> tuple[str, str]:
     try:
         t.format(instruction="", input="")
         ok = "{instruction}" in t
-    except (KeyError, IndexError, ValueError):
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # any broken format string
         ok = False
     if not ok:
         raise ValueError(

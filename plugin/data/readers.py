@@ -61,9 +61,16 @@ def load_hub(path: str, name: str | None, cache_dir: str | None) -> datasets.Dat
     try:
         return datasets.load_dataset(path, name, cache_dir=cache_dir)
     except Exception as e:  # offline hub, bad folder layout, ...: one message that names it
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if Path(path).expanduser().is_dir():
+            raise ValueError(
+                f"could not load the data folder '{path}' with datasets.load_dataset ({why}); a folder needs "
+                f"data files ({', '.join(EXTENSIONS)}), split by name into train.*, validation.*, test.*, "
+                "or give data.path one file"
+            ) from e
         raise ValueError(
-            f"could not load dataset '{path}': it is not a local file, and datasets.load_dataset "
-            f"failed ({type(e).__name__}: {e}). Local files may be {', '.join(EXTENSIONS)}"
+            f"could not load dataset '{path}': it is not a local file or folder, and datasets.load_dataset "
+            f"failed ({why}). Local files may be {', '.join(EXTENSIONS)}"
         ) from e
 
 
@@ -84,16 +91,17 @@ def split_rows(
 
 
 def read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
-    """Read a local file into (where, row) pairs; `where` ("file, line 7") goes into errors."""
-    ext = path.suffix.lower()
-    try:
-        if ext == ".parquet":
-            import pyarrow.parquet as pq
+    """Read a local file into (where, row) pairs; `where` ("file, line 7") goes into errors.
 
-            return [(f"{path}, row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate the BOM spreadsheet exports add
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+    Raises:
+        ValueError: naming the file and, where there is one, the line: not UTF-8, malformed
+            JSON/CSV, an unreadable Parquet file, a row that is not an object.
+        FileNotFoundError, PermissionError: the file cannot be opened.
+    """
+    ext = path.suffix.lower()
+    if ext == ".parquet":
+        return _read_parquet(path)
+    text = _read_text(path)
     if ext == ".txt":  # one row per non-blank line, as datasets' "text" loader does
         return [
             (f"{path}, line {i}", {text_field: s.rstrip("\r")})
@@ -101,18 +109,17 @@ def read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
             if s.strip()
         ]
     if ext == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [
-            (f"{path}, line {reader.line_num}", {k: v for k, v in r.items() if k is not None}) for r in reader
-        ]
+        return _read_csv(path, text)
     if ext == ".json":
         try:
-            obj = json.loads(text)
+            obj = _json(text)
         except json.JSONDecodeError as e:
             if e.msg != "Extra data":  # "Extra data" = JSON Lines in a .json file; read it as such
                 raise ValueError(
                     f"{path}, line {e.lineno}: malformed JSON ({e.msg}, column {e.colno})"
                 ) from e
+        except ValueError as e:  # too deeply nested, a number too long to convert
+            raise ValueError(f"{path}: malformed JSON ({e})") from e
         else:
             [(key, val)] = obj.items() if isinstance(obj, dict) and len(obj) == 1 else [(None, None)]
             if key != "messages" and isinstance(val, list):
@@ -131,13 +138,65 @@ def read_file(path: Path, text_field: str) -> list[tuple[str, dict]]:
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = _json(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}, line {i}: malformed JSON ({e.msg}, column {e.colno})") from e
+        except ValueError as e:
+            raise ValueError(f"{path}, line {i}: malformed JSON ({e})") from e
         if not isinstance(r, dict):
             raise ValueError(f"{path}, line {i}: expected a JSON object, got {type(r).__name__}")
         rows.append((f"{path}, line {i}", r))
     return rows
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; not UTF-8 is an error naming the line and column (not a byte offset)."""
+    raw = path.read_bytes()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # the BOM spreadsheet exports add
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}, {e.reason}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))  # a long text cell is data, not an error (default: 128 KiB)
+    try:
+        for r in reader:
+            rows.append((f"{path}, line {reader.line_num}", {k: v for k, v in r.items() if k is not None}))
+    except csv.Error as e:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
+    return [(f"{path}, row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
 
 
 # ---------------------------------------------------------------------------- rows of a format
@@ -169,6 +228,12 @@ def _value(row: dict, names: tuple[str, ...]) -> Any:
 
 def _text(v: Any, field: str, where: str) -> str:
     if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape: no tokenizer takes it
+            raise ValueError(
+                f"{where}: field '{field}' holds an unpaired surrogate (a \\ud800-\\udfff escape), not text"
+            ) from None
         return v
     if isinstance(v, (int, float, bool)):  # a numeric answer such as 42 in JSON
         return str(v)
@@ -209,9 +274,8 @@ def normalize_row(row: dict, fmt: str, where: str, text_field: str) -> dict:
         for j, m in enumerate(msgs, 1):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m.get("content") is None:
                 raise ValueError(f"{where}: message {j} needs 'role' (text) and 'content'; got {m!r:.200}")
-            out.append(
-                {"role": m["role"], "content": _text(m["content"], "content", f"{where}, message {j}")}
-            )
+            at = f"{where}, message {j}"
+            out.append({"role": _text(m["role"], "role", at), "content": _text(m["content"], "content", at)})
         return {"messages": out}
     v = _value(row, (text_field,))
     if v is None:
@@ -236,17 +300,26 @@ def normalize_rows(
         text_field: the column holding plain text.
         max_samples: keep only the first N rows; `None` keeps all.
         cache_key: the data module's cache key; it names the result in `datasets`' cache.
+
+    Returns:
+        The rows in canonical columns, plus `_row`: each row's index in `rows` (for messages that
+        name where an example came from).
     """
     if max_samples is not None:
         rows = (
             rows[:max_samples] if isinstance(rows, list) else rows.select(range(min(max_samples, len(rows))))
         )
     if isinstance(rows, list):
-        return datasets.Dataset.from_list([normalize_row(r, fmt, where, text_field) for where, r in rows])
+        return datasets.Dataset.from_list(
+            [{**normalize_row(r, fmt, where, text_field), "_row": i} for i, (where, r) in enumerate(rows)]
+        )
 
     def norm(batch: dict, idx: list[int]) -> dict:
         out = [
-            normalize_row({k: batch[k][j] for k in batch}, fmt, f"{desc}, row {i + 1}", text_field)
+            {
+                **normalize_row({k: batch[k][j] for k in batch}, fmt, f"{desc}, row {i + 1}", text_field),
+                "_row": i,
+            }
             for j, i in enumerate(idx)
         ]
         return {k: [o[k] for o in out] for k in out[0]} if out else {}
