@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test lint bench bench-cpu quant-report clean
+.PHONY: help install train test lint bench bench-cpu quant-report quant-quality quality-gpu clean
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-13s %s\n", $$1, $$2}'
@@ -40,6 +40,12 @@ bench-cpu: $(STAMP) ## the benchmark's tiny CPU configuration (figures mean noth
 
 quant-report: $(STAMP) ## NF4/FP4/int4 quantization error report (ARGS="--model DIR" or "--recipe default")
 	$(VENV)/bin/lightning-qlora-quant-report $(ARGS)
+
+quant-quality: $(STAMP) ## fit the default model, then held-out loss of every 4-bit format + LoRA recovery (CPU, minutes)
+	$(VENV)/bin/lightning-qlora-quant-report --recipe default --train-first --out outputs/quant_quality $(ARGS)
+
+quality-gpu: $(STAMP) ## the same study on a ~100M Llama trained on the Python stdlib (one GPU, ~6 min; ARGS="--tiny" on a CPU)
+	$(VENV)/bin/lightning-qlora-quant-report --stdlib-llama --out outputs/quant_quality_stdlib $(ARGS)
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache .ruff_cache build *.egg-info

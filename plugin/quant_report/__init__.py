@@ -26,6 +26,16 @@ so ``bits_per_weight_with_tables`` adds them, spread over that tensor's own weig
 a model total, every tensor's tables over all weights). Both come from ``numel * element_size``
 of the actual tensors, not from formulas.
 
+What it costs in model quality: with ``--eval-data FILE`` (and a model: ``--model``, ``--recipe``,
+``--config``, ``--random-llama``) the report adds the held-out loss and perplexity of the model
+unquantized and in every format and block size, the bitsandbytes formats through the ``Linear4bit``
+layers that train and the others by substituting their dequantized weights into the same layers
+(:mod:`.quality`). ``--recipe default --train-first`` fits the recipe's model first and
+``--stdlib-llama`` trains a ~100M-parameter Llama on the Python standard library's sources; both
+then measure every format on held-out data and fit LoRA over the 4-bit and the 16-bit base through
+``QLoRAPrecision`` (:mod:`.study`). Output: a quality section in ``report.md``, ``quality.csv``,
+``quality.json`` and ``quality_vs_bits.png``.
+
 The weight source is pluggable: :func:`evaluate_weights` takes any iterable of
 ``(name, tensor)`` pairs, so a recipe's model can be passed through
 :func:`linear_weights_from_module` (or a state dict through :func:`select_linear_weights`).
@@ -34,12 +44,13 @@ Layout: :mod:`.formats` (codebooks, quantizers, :func:`quantize`, the checks on 
 block sizes), :mod:`.measurement` (:class:`Measurement`, :func:`measure`,
 :func:`evaluate_weights`, normal samples, equal storage), :mod:`.sources` (weights from a
 module, a checkpoint, a config or a training recipe), :mod:`.report` (:class:`Report`,
-:func:`build_report`), :mod:`.markdown`, :mod:`.figures`, :mod:`.output` (files and W&B) and
-:mod:`.cli` (:func:`main`).
+:func:`build_report`), :mod:`.quality` (held-out loss per format), :mod:`.study` (fit first, LoRA
+recovery, the standard-library corpus; imported on use), :mod:`.markdown`, :mod:`.figures`,
+:mod:`.output` (files and W&B) and :mod:`.cli` (:func:`main`).
 """
 
 from .cli import DEFAULT_OUT, main
-from .figures import plot_codebook, plot_error_vs_bits
+from .figures import plot_codebook, plot_error_vs_bits, plot_quality
 from .formats import (
     BNB_BLOCKSIZES,
     DEFAULT_BLOCKSIZES,
@@ -59,12 +70,23 @@ from .measurement import (
     DEFAULT_SAMPLES,
     EQUAL_STORAGE_TOLERANCE,
     Measurement,
+    compare,
     equal_storage,
     evaluate_weights,
     measure,
     normal_samples,
 )
-from .output import CSV_FIELDS, ReportFiles, log_to_wandb, write_csv, write_report
+from .output import CSV_FIELDS, ReportFiles, log_to_wandb, write_csv, write_quality_csv, write_report
+from .quality import (
+    QUALITY_CSV_FIELDS,
+    EvalSet,
+    QualityResult,
+    QualityRow,
+    eval_set_from_dataset,
+    eval_set_from_file,
+    evaluate_loss,
+    evaluate_quality,
+)
 from .report import Report, all_measurements, build_report
 from .sources import (
     TINY_LLAMA,
@@ -83,9 +105,13 @@ __all__ = [
     "DEFAULT_FORMATS",
     "DEFAULT_OUT",
     "DEFAULT_SAMPLES",
+    "EvalSet",
     "EQUAL_STORAGE_TOLERANCE",
     "FORMATS",
     "Measurement",
+    "QUALITY_CSV_FIELDS",
+    "QualityResult",
+    "QualityRow",
     "Quantized",
     "Report",
     "ReportFiles",
@@ -93,8 +119,13 @@ __all__ = [
     "all_measurements",
     "bnb_codebook",
     "build_report",
+    "compare",
     "derive_nf4_codebook",
     "equal_storage",
+    "eval_set_from_dataset",
+    "eval_set_from_file",
+    "evaluate_loss",
+    "evaluate_quality",
     "evaluate_weights",
     "is_linear_weight",
     "linear_weights_from_checkpoint",
@@ -108,6 +139,7 @@ __all__ = [
     "normal_samples",
     "plot_codebook",
     "plot_error_vs_bits",
+    "plot_quality",
     "quantize",
     "render_markdown",
     "select_linear_weights",
@@ -115,5 +147,6 @@ __all__ = [
     "validate_blocksizes",
     "validate_formats",
     "write_csv",
+    "write_quality_csv",
     "write_report",
 ]

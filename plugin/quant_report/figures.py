@@ -69,3 +69,52 @@ def plot_error_vs_bits(report: Report, path: str | os.PathLike[str]) -> None:
         ax.legend(fontsize=7)
     fig.suptitle("Quantization error vs storage (labels: block size)", fontsize=11)
     fig.savefig(path, dpi=110)
+
+
+def plot_quality(quality, path: str | os.PathLike[str]) -> None:  # noqa: ANN001 - a QualityResult
+    """Perplexity increase against bits per weight, and loss increase against weight error."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    fmts = list(dict.fromkeys(r.fmt for r in quality.rows))
+    for fmt in fmts:
+        pts = sorted((r for r in quality.rows if r.fmt == fmt), key=lambda r: r.weights.bits_per_weight)
+        xs = [r.weights.bits_per_weight for r in pts]
+        ys = [quality.ppl_increase_pct(r) for r in pts]
+        # ± 2 standard errors of the loss difference (0 where there is none to estimate)
+        se2 = [2 * quality.delta_se(r) if quality.delta_se(r) == quality.delta_se(r) else 0.0 for r in pts]
+        bars = ax1.errorbar(
+            xs, ys, yerr=[100 * e for e in se2], fmt="o-", label=FORMATS[fmt], ms=4, capsize=2, lw=1
+        )
+        for r, xv, yv in zip(pts, xs, ys, strict=True):
+            ax1.annotate(str(r.blocksize), (xv, yv), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax2.errorbar(
+            [r.weights.rel_mse for r in pts],
+            [quality.delta_loss(r) for r in pts],
+            yerr=se2,
+            fmt="o",
+            color=bars[0].get_color(),
+            label=FORMATS[fmt],
+            ms=4,
+            capsize=2,
+        )
+    ax1.axhline(0, color="k", lw=0.6)
+    ax1.set_xlabel("bits per weight (codes + block constants)")
+    ax1.set_ylabel(f"perplexity increase over unquantized ({quality.dtype}), %")
+    ax1.set_title("perplexity cost vs storage (labels: block size; bars: ± 2 SE)", fontsize=10)
+    ax2.axhline(0, color="k", lw=0.6)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("weight error: MSE / mean square of the weights")
+    ax2.set_ylabel("held-out loss increase")
+    ax2.set_title("does lower weight error mean lower loss?", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    e = quality.eval_set
+    fig.suptitle(
+        f"{quality.model_name}: held-out loss on {e['target_tokens']:,} tokens "
+        f"(baseline perplexity {quality.baseline.perplexity:.3f})",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=110)

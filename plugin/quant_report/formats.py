@@ -207,7 +207,7 @@ def _quantize_int4_minmax(x: torch.Tensor, blocksize: int) -> Quantized:
     packed = _pack4(torch.cat(codes))
     # Decode from the stored bytes only, so the error matches what the storage can hold.
     q = _unpack4(packed, x.numel()).to(torch.float32)
-    per_block = torch.arange(x.numel()) // blocksize
+    per_block = torch.arange(x.numel(), device=x.device) // blocksize
     deq = q * scale[per_block] + lo[per_block]
     return Quantized(deq, {"packed": packed, "min": lo, "scale": scale})
 
@@ -224,12 +224,12 @@ def _quantize_int4_absmax(x: torch.Tensor, blocksize: int) -> Quantized:
     absmax = torch.cat(absmaxes)
     packed = _pack4(torch.cat(codes))
     q = _unpack4(packed, x.numel()).to(torch.float32) - 8
-    deq = q * (absmax / 7)[torch.arange(x.numel()) // blocksize]
+    deq = q * (absmax / 7)[torch.arange(x.numel(), device=x.device) // blocksize]
     return Quantized(deq, {"packed": packed, "absmax": absmax})
 
 
 def _quantize_std_quantile(x: torch.Tensor, blocksize: int) -> Quantized:
-    levels = std_quantile_levels()
+    levels = std_quantile_levels().to(x.device)
     edges = (levels[1:] + levels[:-1]) / 2
     codes, means, stds = [], [], []
     for b in _blocks(x, blocksize):
@@ -243,7 +243,7 @@ def _quantize_std_quantile(x: torch.Tensor, blocksize: int) -> Quantized:
         stds.append(sd.reshape(-1))
     mean, std = torch.cat(means), torch.cat(stds)
     packed = _pack4(torch.cat(codes))
-    per_block = torch.arange(x.numel()) // blocksize
+    per_block = torch.arange(x.numel(), device=x.device) // blocksize
     deq = levels[_unpack4(packed, x.numel())] * std[per_block] + mean[per_block]
     return Quantized(deq, {"packed": packed, "mean": mean, "std": std}, {"levels": levels})
 
@@ -264,7 +264,9 @@ def _quantize_bnb(x: torch.Tensor, blocksize: int, quant_type: str, double_quant
     return Quantized(deq, block, tables)
 
 
-def quantize(x: torch.Tensor, fmt: str, blocksize: int) -> Quantized:
+def quantize(
+    x: torch.Tensor, fmt: str, blocksize: int, device: torch.device | str | None = None
+) -> Quantized:
     """Quantize a tensor block-wise in one format and decode it back.
 
     The tensor is treated as one flat stream of weights: blocks run across rows, as they do in
@@ -276,16 +278,18 @@ def quantize(x: torch.Tensor, fmt: str, blocksize: int) -> Quantized:
         x: any floating tensor; converted to float32 (exact for fp16/bf16 weights).
         fmt: one of :data:`FORMATS`.
         blocksize: one of :data:`BNB_BLOCKSIZES`.
+        device: where to quantize (default the CPU). The quality study passes the model's device:
+            quantizing 100M weights in 12 configurations on a CPU takes minutes, on a GPU seconds.
 
     Returns:
-        The stored tensors and the decoded values.
+        The stored tensors and the decoded values (on ``device``).
 
     Raises:
         ValueError: for an unknown format or unsupported block size.
     """
     validate_blocksizes([blocksize])
     validate_formats([fmt])
-    flat = x.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    flat = x.detach().to("cpu" if device is None else device, torch.float32).reshape(-1).contiguous()
     if fmt == "int4_minmax":
         return _quantize_int4_minmax(flat, blocksize)
     if fmt == "int4_absmax":

@@ -113,21 +113,48 @@ def measure(
     """
     ref = x.detach().to("cpu", torch.float32).reshape(-1)
     q = quantize(ref, fmt, blocksize)
+    return compare(ref, q.dequantized, fmt, blocksize, q.block_bytes, q.table_bytes, source, tensor)
+
+
+def compare(
+    ref: torch.Tensor,
+    decoded: torch.Tensor,
+    fmt: str,
+    blocksize: int,
+    block_bytes: int,
+    table_bytes: int,
+    source: str = "tensor",
+    tensor: str = "tensor",
+) -> Measurement:
+    """The measurement of ``decoded`` against ``ref`` (same number of values, any device or dtype).
+
+    Used by :func:`measure` and by the quality study, which measures the weights a model actually
+    runs with (the dequantized ``Linear4bit`` weight, or the substituted int4 weight).
+    """
+    ref64 = ref.detach().reshape(-1).to(torch.float64)
     # Sums in float64: on millions of weights float32 accumulation drifts in the 4th digit.
-    err = (q.dequantized - ref).to(torch.float64)
+    err = decoded.detach().reshape(-1).to(torch.float64) - ref64
     return Measurement(
         source=source,
         tensor=tensor,
         fmt=fmt,
         blocksize=blocksize,
-        numel=ref.numel(),
+        numel=ref64.numel(),
         sse=float(err.square().sum()),
         sae=float(err.abs().sum()),
         max_err=float(err.abs().max()) if err.numel() else 0.0,
-        sum_sq=float(ref.to(torch.float64).square().sum()),
-        block_bytes=q.block_bytes,
-        table_bytes=q.table_bytes,
+        sum_sq=float(ref64.square().sum()),
+        block_bytes=block_bytes,
+        table_bytes=table_bytes,
     )
+
+
+def total(ms: Sequence[Measurement], tensor: str = "(total)") -> Measurement:
+    """The sum of measurements of one format and block size (e.g. every layer of a model)."""
+    out = replace(ms[0], tensor=tensor)
+    for m in ms[1:]:
+        out = out.merge(m, tensor)
+    return out
 
 
 def evaluate_weights(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,10 @@ class Report:
     example_block: torch.Tensor | None = None
     example_tensor: torch.Tensor | None = None
     example_name: str = ""
+    # What 4-bit costs in model quality (a QualityResult), and the train-first study around it
+    # (a StudyResult: the fit, the LoRA recovery), when they were measured.
+    quality: Any = None
+    study: Any = None
 
     @property
     def codebook_max_diff(self) -> float:
@@ -50,6 +55,8 @@ def build_report(
     seed: int = 0,
     weights: Iterable[tuple[str, torch.Tensor]] | None = None,
     model_name: str | None = None,
+    measured: tuple[list[Measurement], list[Measurement]] | None = None,
+    example: tuple[str, torch.Tensor] | None = None,
 ) -> Report:
     """Measure all formats on normal samples and, if given, on model weights.
 
@@ -60,6 +67,9 @@ def build_report(
         seed: their seed.
         weights: ``(name, tensor)`` pairs of a model's linear weights, or ``None``.
         model_name: label of the model in the report.
+        measured: ``(per_tensor, totals)`` already measured (the quality study measures the
+            weights the model ran with), instead of ``weights``.
+        example: ``(name, tensor)`` for the codebook figure when ``measured`` is given.
 
     Returns:
         The report.
@@ -81,7 +91,13 @@ def build_report(
     )
     example_bs = 64 if 64 in blocksizes else blocksizes[0]
     example_src, example_name = x, f"N(0, 1) samples, seed {seed}"
-    if weights is not None:
+    if measured is not None:
+        report.model_layers, report.model_totals = measured
+        report.model_name = model_name or "model"
+        if example is not None:
+            example_name = f"{report.model_name}: {example[0]}"
+            example_src = example[1].detach().to("cpu", torch.float32).reshape(-1)[: 1 << 20].clone()
+    elif weights is not None:
         first: list[tuple[str, torch.Tensor]] = []
 
         def keep_first(it: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
