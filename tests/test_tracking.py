@@ -90,7 +90,9 @@ def test_offline_wandb_run_holds_config_history_memory_throughput_and_counts(off
     for row in losses[warmup:]:
         assert row["perf/tokens_per_s"] > 0 and row["perf/samples_per_s"] > 0 and row["perf/step_time_s"] > 0
     assert not any("perf/tokens_per_s" in row for row in losses[: warmup - 1])
-    warmups = {r["perf/warmup_s"] for r in rows if "perf/warmup_s" in r}  # one value (Lightning may repeat it)
+    warmups = {
+        r["perf/warmup_s"] for r in rows if "perf/warmup_s" in r
+    }  # one value (Lightning may repeat it)
     assert len(warmups) == 1 and warmups.pop() == pytest.approx(final["warmup_s"])
 
     final = state["summary"]
