@@ -42,7 +42,11 @@ def _rows(n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def memorized(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``--recipe default --train-first`` on 32 rows, evaluated on the same rows, with 3 LoRA steps."""
+    """``--recipe default --train-first`` on 32 rows, evaluated on the same rows, with 3 LoRA steps.
+
+    The model memorizes the rows (loss ~0.004 after 120 steps; at 60 steps, loss 0.19, the smallest
+    margin was 0.2 SE): at a minimum of the evaluated loss every perturbation raises it.
+    """
     tmp = tmp_path_factory.mktemp("study")
     data = write_jsonl(tmp / "mem.jsonl", _rows(32))
     out = tmp / "out"
@@ -53,7 +57,7 @@ def memorized(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--eval-data",
         str(data),
         "--train-steps",
-        "60",
+        "120",  # to a loss of ~0.004: at a near-zero loss no perturbation can lower it
         "--lora-steps",
         "3",
         "--blocksizes",
@@ -106,7 +110,7 @@ def test_quality_table_csv_json_and_figure_hold_every_format_and_block_size(memo
     ]
     assert record["quality"]["eval_set"]["rows"] == 32
     assert record["quality"]["linear_layers"] == 14  # 7 per layer; the head stays unquantized
-    assert record["train"]["steps"] == 60 and record["train"]["params"] > 0
+    assert record["train"]["steps"] == 120 and record["train"]["params"] > 0
     md = (out / "report.md").read_text()
     assert "## Model quality" in md and "| nf4 + dq (bnb) | 64 |" in md
     assert "### LoRA on the 4-bit base" in md and "response tokens only" in md

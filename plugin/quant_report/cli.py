@@ -21,7 +21,7 @@ from .formats import (
 from .markdown import render_markdown
 from .measurement import DEFAULT_SAMPLES
 from .output import log_to_wandb, write_report
-from .quality import DEFAULT_EVAL_TOKENS
+from .quality import BNB_FORMATS, DEFAULT_EVAL_TOKENS
 from .report import Report, build_report
 from .sources import (
     linear_weights_from_checkpoint,
@@ -31,7 +31,7 @@ from .sources import (
 )
 
 DEFAULT_OUT = "outputs/quant_report"
-BNB_FORMAT_KEYS = ("fp4", "fp4_dq", "nf4", "nf4_dq")
+BNB_FORMAT_KEYS = tuple(BNB_FORMATS)  # the 4-bit bases LoRA can train over (the plugin's formats)
 
 
 def _int_list(text: str) -> list[int]:
@@ -321,7 +321,7 @@ def _prepare_quality(args: argparse.Namespace, blocksizes: tuple[int, ...], form
             f"the tokenizer produces id {top}, beyond the model's vocabulary of {vocab}: pass the model's own "
             "tokenizer with --tokenizer"
         )
-    if any(f in ("fp4", "fp4_dq", "nf4", "nf4_dq") for f in formats):
+    if any(f in BNB_FORMATS for f in formats):
         check_blocksizes_fit(model, target_linears(model), blocksizes)
 
     def run() -> tuple[Any, Any]:
