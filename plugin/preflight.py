@@ -394,42 +394,10 @@ def output_dirs(cfg: DictConfig) -> dict[str, str]:
 def check_output_dirs(cfg: DictConfig) -> None:
     """Every directory the run will write can be created and written (a probe file, removed at once)."""
     for what, path in output_dirs(cfg).items():
-        checkwritable(path, what)
+        check_writable(path, what)
 
 
 def check_writable(path: str, what: str) -> None:
-    """``path`` (which may not exist yet) can be created and written.
-
-    The nearest existing ancestor must be a directory, and a file must be creatable in it: that
-    catches a read-only directory, a read-only file system and a file where a directory is expected,
-    as root too (``os.access`` says yes to root on a read-only directory; a real write tells the truth).
-
-    Raises:
-        PreflightError: naming the path, what writes there, and the cause.
-    """
-    existing = path
-    while not os.path.lexists(existing):
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
-    if not os.path.isdir(existing):
-        raise PreflightError(
-            f"cannot write {what} at {path}: {existing} is a file, not a directory; move it away or choose "
-            "another output directory (hydra.run.dir=...)"
-        )
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".lightning-qlora-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise PreflightError(
-            f"cannot write {what} at {path}: {existing} is not writable ({err.strerror}); fix its permissions "
-            "or choose another output directory (hydra.run.dir=...)"
-        ) from None
-
-
-def checkwritable(path: str, what: str) -> None:
     """``path`` (which may not exist yet) can be created and written.
 
     The nearest existing ancestor must be a directory, and a file must be creatable in it: that
