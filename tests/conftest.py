@@ -142,6 +142,20 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+def wandb_leet(*args: str) -> str:
+    """``wandb leet inspect ARGS``: wandb's own reader of a run directory (offline runs included)."""
+    result = subprocess.run(
+        [str(BIN / "wandb"), "leet", "inspect", *args], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def wandb_summary(run_dir: Path) -> dict[str, Any]:
+    """The summary of a W&B run directory, read back with ``wandb leet inspect --summary --json``."""
+    return json.loads(wandb_leet("--summary", "--json", str(run_dir)))["summary"]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -13,13 +13,11 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import wandb_summary, write_jsonl
 from tiny import MICRO_LLAMA, tiny_llama_config
 from transformers import AutoModelForCausalLM
 
@@ -268,15 +266,7 @@ def test_wandb_logs_the_quality_table_offline(tmp_path, wandb_offline):
     assert qr.main([*argv, "--samples", "4096", "--out", str(out), "--wandb", "--quiet"]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    res = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    summary = json.loads(res.stdout)["summary"]
+    summary = wandb_summary(runs[0])
     assert summary["quant_report/quality"]["_type"] == "table-file"
     assert summary["quant_report/quality"]["nrows"] == 3
     assert summary["quant_report/quality_vs_bits"]["_type"] == "image-file"

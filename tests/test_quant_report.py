@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
+from conftest import wandb_summary
 from tiny import tiny_llama_config
 from transformers import AutoModelForCausalLM
 
@@ -251,16 +249,7 @@ def test_wandb_logs_table_and_figures_offline(tmp_path, monkeypatch):
     assert qr.main([*argv, "--wandb", "--quiet"]) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    # read the offline run back with wandb's own reader: wandb leet inspect --summary --json
-    wandb_cli = Path(sys.executable).with_name("wandb")
-    res = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(runs[0])],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    summary = json.loads(res.stdout)["summary"]
+    summary = wandb_summary(runs[0])
     assert summary["quant_report/table"]["_type"] == "table-file"
     assert summary["quant_report/table"]["nrows"] == 2
     assert summary["quant_report/codebook"]["_type"] == "image-file"

@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import micro_overrides
+from conftest import micro_overrides, wandb_leet
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_qlora import train as T
 from lightning_qlora.callbacks import MemoryMonitor, parameter_counts
 
-WANDB = str(Path(sys.executable).parent / "wandb")
 STEPS = 4
-
-
-def leet(*args: str) -> str:
-    result = subprocess.run([WANDB, "leet", "inspect", *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 def history(run_dir: Path) -> list[dict]:
     """The run's history rows, from its .wandb transaction log."""
-    records = [json.loads(line) for line in leet("--json", str(run_dir)).splitlines() if line.strip()]
+    records = [json.loads(line) for line in wandb_leet("--json", str(run_dir)).splitlines() if line.strip()]
     return [r["history"]["item"] for r in records if r.get("type") == "history"]
 
 
@@ -47,7 +38,7 @@ def offline_run(compose, tmp_path, wandb_offline):
 @pytest.mark.slow
 def test_offline_wandb_run_holds_config_history_memory_throughput_and_counts(offline_run, micro_llama_config):
     summary, run_dir, cfg = offline_run
-    state = json.loads(leet("--summary", "--json", str(run_dir)))
+    state = json.loads(wandb_leet("--summary", "--json", str(run_dir)))
     assert state["state"] == "finished" and state["exit_code"] == 0
 
     # The resolved config: no interpolation left, the run dir filled in.
