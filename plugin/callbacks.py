@@ -137,9 +137,10 @@ class MemoryMonitor(Callback):
             self._w_samples += samples
             self._w_batches += 1
             self._w_time += elapsed
-        if _logged_steps(trainer) % self.log_every_n_steps and not metrics:
+        log_now = not _logged_steps(trainer) % self.log_every_n_steps
+        if not log_now and not metrics:
             return
-        if not _logged_steps(trainer) % self.log_every_n_steps:
+        if log_now:
             metrics.update(self.memory_metrics(cuda))
             if self._w_time > 0:
                 metrics["perf/tokens_per_s"] = self._w_tokens / self._w_time

@@ -92,7 +92,8 @@ def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -
 
 
 def activation_bytes_per_token(shapes: Shapes, dtype_bytes: int = 2) -> dict[str, float]:
-    """What one decoder layer keeps per token: not checkpointed, checkpointed, and while recomputed."""
+    """Bytes one decoder layer keeps per token for the backward: not checkpointed (``none``),
+    checkpointed (its input only) and offloaded (nothing on the GPU)."""
     h, kv, i = shapes.hidden, shapes.kv_heads * shapes.head_dim, shapes.intermediate
     scale = dtype_bytes / 2
     full = (18 * h + 4 * kv + 8 * i) * scale
@@ -156,7 +157,9 @@ def estimate(
         per_token["none"] *= COMPILED_KEEP
     n_ckpt, n_off = checkpointed_layers(shapes.layers, checkpointing, every_n_layers)
     n_kept = shapes.layers - n_ckpt - n_off
-    kept = tokens * (n_kept * per_token["none"] + n_ckpt * per_token["checkpointed"])
+    kept = tokens * (
+        n_kept * per_token["none"] + n_ckpt * per_token["checkpointed"] + n_off * per_token["offloaded"]
+    )
     # The largest transient: a checkpointed layer recomputed in the backward holds its activations
     # again, plus the gradient flowing through it; the loss holds one chunk's fp32 logits and their
     # bf16 product, and the hidden-state gradient it computes in its forward.
