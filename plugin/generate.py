@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import hf_root
+from .data import load_tokenizer
 from .export import load_model
 
 
@@ -129,12 +130,6 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def _tokenizer(name: str) -> Any:
-    from .data import load_tokenizer  # it gives tokenizers without a pad token their EOS as pad
-
-    return load_tokenizer(name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-qlora-generate``: completions from a base model (+ adapter) for prompts."""
     parser = argparse.ArgumentParser(
@@ -176,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompts")
-        tokenizer = _tokenizer(args.tokenizer or args.model)
+        tokenizer = load_tokenizer(args.tokenizer or args.model)  # an EOS pad when it has no pad token
         model = load_model(
             args.model, args.adapter, quant=args.quant, compute_dtype=args.dtype, device=device
         )
