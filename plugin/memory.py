@@ -4,13 +4,21 @@ The estimate adds what lives through the step (4-bit and 16-bit weights, adapter
 gradients and AdamW state, the activations each decoder layer keeps for the backward under the
 chosen checkpointing) and the largest transient on top (one layer's recompute, the chunked loss).
 It drives ``model.activation_checkpointing=auto`` (the fastest setting that fits a budget), the
-pre-flight's "will it fit?" check and ``lightning-qlora-estimate``.
+pre-flight's "will it fit?" check and ``lightning-qlora-estimate`` (:mod:`lightning_qlora.estimate`).
 
 Per token and decoder layer of a Llama-style block (hidden ``h``, key/value width ``kv``, MLP width
 ``i``), a layer that is not checkpointed keeps, in the compute dtype: the two RMSNorm inputs upcast to
 fp32 and their outputs (2 x (2h + h)), the rotated q and k, v, the attention output and its
 projection input (4h + 2kv), and the MLP's gate, activation, up and product (4i) = 18h + 4kv + 8i
 bytes at 16 bits. A checkpointed layer keeps only its input (h); offloaded, not even that.
+
+The weights are either derived from the same shapes (every decoder linear layer 4-bit and adapted,
+:meth:`Weights.from_shapes`) or counted on the model itself built on the meta device and converted by
+the plugin (:func:`count_weights`), which follows ``lora.target_modules`` and ``quant.skip_modules``
+exactly. Under data parallelism each GPU holds all of it (DDP adds a bucket per adapter gradient);
+under FSDP each GPU holds ``1/N`` of the packed 4-bit bytes, the 16-bit weights and the adapters with
+their gradients and optimizer state, but every quantization constant (each layer keeps its own whole),
+all of its activations, and the layers FSDP gathers for compute.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 
 GIB = 1024**3
 CHECKPOINTING = ("none", "full", "every_n_layers", "offload", "auto")
+STRATEGIES = ("ddp", "fsdp")
 # Allocator slack, CUDA context excluded (it is not in torch.cuda.max_memory_allocated): fragmentation
 # and the small tensors not modelled (RoPE tables, masks, norms' statistics).
 SLACK = 1.05
@@ -28,6 +37,20 @@ SLACK = 1.05
 # results (the norms' fp32 copies, SiLU) in the backward instead of saving them. Fitted to the H200
 # peaks of Llama-2-7B (2 x 2048) and Llama-3.2-1B (4 x 2048) shapes with one layer in five checkpointed.
 COMPILED_KEEP = 0.72
+# FSDP gathers a layer's full weights for its forward and backward and prefetches the next one while it
+# computes: two layers are whole at once, besides the root unit (embeddings, head), which FSDP2 keeps
+# gathered from the forward to the end of the backward.
+FSDP_GATHERED_LAYERS = 2
+
+# The parts of an estimate (``Estimate.parts`` keys), in the order the table prints them.
+PACKED = "4-bit weights"
+CONSTANTS = "quantization constants"
+LINEAR16 = "16-bit linear weights"
+DENSE = "embeddings, head, norms"
+ADAPTERS = "adapters + grads + optimizer state"
+GATHERED = "layers gathered by FSDP"
+ACTIVATIONS = "activations"
+TRANSIENT = "largest transient"
 
 
 @dataclass
@@ -65,30 +88,169 @@ class Shapes:
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
+def packed_bytes(numel: int, storage_bytes: int = 1) -> int:
+    """The packed 4-bit codes of one weight: two per byte, in whole elements of the storage dtype
+    (bitsandbytes' ``quantize_4bit``)."""
+    per_element = 2 * storage_bytes
+    return (numel + 1) // per_element * storage_bytes
+
+
+def constant_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """The block constants of one 4-bit weight: an fp32 absmax per block; with double quant an 8-bit
+    absmax per block, an fp32 absmax per 256 of those and one fp32 offset."""
+    blocks = math.ceil(numel / blocksize)
+    return blocks + 4 * math.ceil(blocks / 256) + 4 if double_quant else 4 * blocks
+
+
+def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
+    """Packed 4-bit codes plus their block constants: 4.127 bits per weight for NF4 + DQ at block size 64."""
+    return packed_bytes(numel) + constant_bytes(numel, blocksize, double_quant)
+
+
+@dataclass
+class Weights:
+    """What a model holds before its first step, in bytes (adapters in parameters).
+
+    Attributes:
+        packed: 4-bit codes of the quantized linear layers.
+        constants: their block constants (absmax, and the nested ones under double quantization).
+        linear16: linear layers of the decoder kept in the compute dtype (all of them with ``quant=none``).
+        dense: everything else frozen, in its dtype: embeddings, output head, norms, biases, buffers.
+        root: the part of ``packed + linear16 + dense`` outside the decoder layers (embeddings, head, final
+            norm): FSDP's root unit.
+        adapters: adapter parameters (float32, trained).
+        largest_quantized: elements of the largest 4-bit weight (dequantized whole in its matmul).
+        layers: decoder layers.
+    """
+
+    packed: float
+    constants: float
+    linear16: float
+    dense: float
+    root: float
+    adapters: int
+    largest_quantized: int
+    layers: int
+
+    @classmethod
+    def from_shapes(
+        cls,
+        shapes: Shapes,
+        lora_r: int = 16,
+        quantized: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        dtype_bytes: int = 2,
+    ) -> Weights:
+        """Every linear layer of every decoder layer 4-bit (or 16-bit) and adapted with rank ``lora_r``; the
+        embeddings and the (untied) head in the compute dtype."""
+        per_layer = shapes.linears()
+        numel = shapes.layers * sum(a * b for a, b in per_layer)
+        embed = shapes.vocab * shapes.hidden * dtype_bytes * (1 if shapes.tied else 2)
+        norms = (2 * shapes.layers + 1) * shapes.hidden * dtype_bytes
+        return cls(
+            packed=shapes.layers * sum(packed_bytes(a * b) for a, b in per_layer) if quantized else 0,
+            constants=(
+                shapes.layers * sum(constant_bytes(a * b, blocksize, double_quant) for a, b in per_layer)
+                if quantized
+                else 0
+            ),
+            linear16=0 if quantized else numel * dtype_bytes,
+            dense=embed + norms,
+            root=embed + shapes.hidden * dtype_bytes,
+            adapters=shapes.layers * sum(lora_r * (a + b) for a, b in per_layer),
+            largest_quantized=max(a * b for a, b in per_layer) if quantized else 0,
+            layers=shapes.layers,
+        )
+
+    def layer_bytes(self) -> float:
+        """One decoder layer's weights and adapters, whole (what FSDP gathers for it)."""
+        frozen = self.packed + self.linear16 + self.dense - self.root
+        return (frozen + 4 * self.adapters) / max(self.layers, 1)
+
+
+def count_weights(model: Any) -> Weights:
+    """:class:`Weights` counted on a model the plugin converted (on the meta device: nothing allocated).
+
+    A :class:`~lightning_qlora.nf4.Linear4bit` counts its packed bytes and block constants as bitsandbytes
+    will make them (``nf4.weight_bytes_by_dtype`` of the quantized model gives the same); trainable
+    parameters are adapters; every other parameter and buffer counts in its own dtype.
+    """
+    import torch
+
+    from .module import decoder_layers
+    from .nf4 import Linear4bit, named_linears
+
+    layers = decoder_layers(model)
+    inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+    base_linears = [m for _, m in named_linears(model)]  # adapters' own linear layers are not among them
+    w = Weights(
+        packed=0,
+        constants=0,
+        linear16=0,
+        dense=0,
+        root=0,
+        adapters=0,
+        largest_quantized=0,
+        layers=len(layers),
+    )
+    counted: set[int] = set()
+    for module in base_linears:
+        if not isinstance(module, Linear4bit):
+            continue
+        weight, numel = module.weight, module.in_features * module.out_features
+        storage = getattr(weight, "quant_storage", torch.uint8)
+        packed = packed_bytes(numel, storage.itemsize)
+        w.packed += packed
+        w.constants += constant_bytes(numel, module.blocksize, module.double_quant)
+        w.largest_quantized = max(w.largest_quantized, numel)
+        w.root += 0 if id(weight) in inside else packed
+        counted.add(id(weight))
+    linear_weights = {id(m.weight) for m in base_linears}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in counted:
+            continue
+        counted.add(id(tensor))
+        size = tensor.numel() * tensor.element_size()
+        if tensor.requires_grad:
+            w.adapters += tensor.numel()
+        elif id(tensor) in inside and id(tensor) in linear_weights:
+            w.linear16 += size
+        else:
+            w.dense += size
+            w.root += 0 if id(tensor) in inside else size
+    return w
+
+
 @dataclass
 class Estimate:
-    """Bytes by part; ``total`` is the predicted peak of ``torch.cuda.max_memory_allocated``."""
+    """Bytes by part, per GPU; ``total`` is the predicted peak of ``torch.cuda.max_memory_allocated``."""
 
     parts: dict[str, float] = field(default_factory=dict)
     checkpointing: str = "full"
     every_n_layers: int = 1
+    transient: str = ""  # what the largest transient is, for the table: "one layer's recompute", ...
+
+    @property
+    def slack(self) -> float:
+        """What :data:`SLACK` adds to the parts."""
+        return sum(self.parts.values()) * (SLACK - 1)
 
     @property
     def total(self) -> float:
         return sum(self.parts.values()) * SLACK
 
+    @property
+    def mode(self) -> str:
+        """The checkpointing setting, as the table names it: ``full``, ``every_n_layers (1 in 4)``, ..."""
+        if self.checkpointing == "every_n_layers":
+            return f"every_n_layers (1 in {self.every_n_layers})"
+        return self.checkpointing
+
     def table(self) -> str:
         rows = [f"  {name:<34} {value / GIB:8.2f} GiB" for name, value in self.parts.items()]
         rows.append(f"  {'total (x' + str(SLACK) + ' allocator slack)':<34} {self.total / GIB:8.2f} GiB")
         return "\n".join(rows)
-
-
-def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> float:
-    """Packed 4-bit codes plus their block constants (fp32 absmax; with double quant 8-bit absmax + fp32
-    per 256 blocks): 4.127 bits per weight for NF4 + DQ at block size 64."""
-    blocks = numel / blocksize
-    constants = blocks * (1 + 4 / 256) if double_quant else blocks * 4
-    return numel / 2 + constants
 
 
 def activation_bytes_per_token(shapes: Shapes, dtype_bytes: int = 2) -> dict[str, float]:
@@ -124,10 +286,14 @@ def estimate(
     double_quant: bool = True,
     dtype_bytes: int = 2,
     loss_chunk: int = 2048,
-    optimizer_states: int = 2,
+    optimizer_states: float = 2,
     compiled: bool = False,
+    weights: Weights | None = None,
+    devices: int = 1,
+    strategy: str = "ddp",
+    gathered_layers: int = FSDP_GATHERED_LAYERS,
 ) -> Estimate:
-    """The peak GPU memory of one training step (see the module docstring for the model).
+    """The peak GPU memory of one training step, per GPU (see the module docstring for the model).
 
     Args:
         shapes: the model's shapes (:meth:`Shapes.from_hf`).
@@ -135,23 +301,28 @@ def estimate(
         seq: tokens per sequence.
         checkpointing: ``none`` | ``full`` | ``every_n_layers`` | ``offload``.
         every_n_layers: with ``every_n_layers``, one layer in ``n`` is checkpointed.
-        lora_r: adapter rank, on every linear layer of the decoder (``all-linear``).
-        quantized: 4-bit base (else 16-bit LoRA).
-        blocksize: 4-bit block size.
-        double_quant: 8-bit block constants.
+        lora_r: adapter rank, on every linear layer of the decoder (``all-linear``); unused with ``weights``.
+        quantized: 4-bit base (else 16-bit LoRA); unused with ``weights``.
+        blocksize: 4-bit block size; unused with ``weights``.
+        double_quant: 8-bit block constants; unused with ``weights``.
         dtype_bytes: bytes of the compute dtype.
-        loss_chunk: tokens per chunk of the output head + cross-entropy.
-        optimizer_states: fp32 tensors the optimizer keeps per adapter weight (AdamW: 2).
+        loss_chunk: tokens per chunk of the output head + cross-entropy (0: one chunk).
+        optimizer_states: fp32 tensors the optimizer keeps per adapter weight (AdamW: 2; 8-bit AdamW: 0.5).
         compiled: decoder blocks run under ``torch.compile``, which keeps fewer intermediates
             (:data:`COMPILED_KEEP` of eager's, measured).
+        weights: the model's weights as counted (:func:`count_weights`); default
+            :meth:`Weights.from_shapes` with the four settings above.
+        devices: GPUs the run trains on (ranks, all nodes together).
+        strategy: ``ddp`` (each GPU holds the whole model) or ``fsdp`` (the weights, adapters and optimizer
+            state are sharded over ``devices``; the quantization constants are not).
+        gathered_layers: under FSDP, decoder layers whole at once besides the root unit (all of them when
+            FSDP keeps them from the forward to the backward, or shards the model as one unit).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not supported; use one of {STRATEGIES}")
+    if weights is None:
+        weights = Weights.from_shapes(shapes, lora_r, quantized, blocksize, double_quant, dtype_bytes)
     tokens = batch * seq
-    per_layer = shapes.linears()
-    linear_numel = shapes.layers * sum(a * b for a, b in per_layer)
-    base = four_bit_bytes(linear_numel, blocksize, double_quant) if quantized else linear_numel * dtype_bytes
-    embed = shapes.vocab * shapes.hidden * dtype_bytes * (1 if shapes.tied else 2)
-    norms = (2 * shapes.layers + 1) * shapes.hidden * dtype_bytes
-    adapter_numel = shapes.layers * sum(lora_r * (a + b) for a, b in per_layer)
     per_token = activation_bytes_per_token(shapes, dtype_bytes)
     if compiled:
         per_token["none"] *= COMPILED_KEEP
@@ -164,19 +335,35 @@ def estimate(
     # again, plus the gradient flowing through it; the loss holds one chunk's fp32 logits and their
     # bf16 product, and the hidden-state gradient it computes in its forward.
     recompute = tokens * per_token["none"] if (n_ckpt or n_off) else 0.0
-    dequantized = max(a * b for a, b in per_layer) * dtype_bytes if quantized else 0.0
+    dequantized = weights.largest_quantized * dtype_bytes
     grad_stream = 2 * tokens * shapes.hidden * dtype_bytes
     chunk = min(loss_chunk or tokens, tokens)
     # logits in the compute dtype, their fp32 copy, and logsumexp's fp32 temporary
     loss = chunk * shapes.vocab * (8 + dtype_bytes) + tokens * shapes.hidden * dtype_bytes * 2
+    adapters = weights.adapters * 4 * (2 + optimizer_states)  # fp32 weight, gradient, optimizer state
+    sharded = strategy == "fsdp" and devices > 1
+    share = 1 / devices if sharded else 1.0
+    if strategy == "ddp" and devices > 1:
+        adapters += weights.adapters * 4  # DDP's bucket: a second copy of the gradients to all-reduce
     parts = {
-        "4-bit linear weights" if quantized else "16-bit linear weights": base,
-        "embeddings + head + norms (16-bit)": embed + norms,
-        "adapters (fp32) + grads + optimizer": adapter_numel * 4 * (2 + optimizer_states),
-        "activations kept for the backward": kept,
-        "largest transient (recompute/loss)": max(recompute + dequantized + grad_stream, loss),
+        PACKED: weights.packed * share,
+        CONSTANTS: weights.constants,  # each layer keeps its own whole, on every GPU
+        LINEAR16: weights.linear16 * share,
+        DENSE: weights.dense * share,
+        ADAPTERS: adapters * share,
     }
-    return Estimate(parts=parts, checkpointing=checkpointing, every_n_layers=every_n_layers)
+    if sharded:
+        gathered = min(gathered_layers, weights.layers) * weights.layer_bytes()
+        parts[GATHERED] = (weights.root + gathered) * (1 - share)
+    parts[ACTIVATIONS] = kept
+    layer_pass = recompute + dequantized + grad_stream
+    parts[TRANSIENT] = max(layer_pass, loss)
+    parts = {k: v for k, v in parts.items() if v or k in (ACTIVATIONS, TRANSIENT)}
+    if loss >= layer_pass:
+        transient = f"loss over {chunk} tokens"
+    else:
+        transient = "one layer's recompute" if recompute else "one layer's backward"
+    return Estimate(parts, checkpointing, every_n_layers, transient)
 
 
 def candidates(layers: int) -> list[tuple[str, int]]:
