@@ -12,6 +12,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 from .lora import LoRAConfig, LoRALinear  # noqa: E402
 from .nf4 import Linear4bit, QuantConfig  # noqa: E402
 from .precision import QLoRAPrecision  # noqa: E402
+from .sharding import FSDP2Strategy  # noqa: E402
+
+# `Trainer(strategy="fsdp2")` once this package is imported, like Lightning's own strategy names.
+FSDP2Strategy.register_strategies(__import__("lightning.pytorch.strategies", fromlist=["x"]).StrategyRegistry)
 
 # The rest of the API pulls in transformers/datasets/wandb: imported on first use, so that the plugin
 # alone (`from lightning_qlora import QLoRAPrecision`) stays a light import.
@@ -42,5 +46,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LoRAConfig", "LoRALinear", "Linear4bit", "QLoRAPrecision", "QuantConfig", *_LAZY]
+__all__ = ["FSDP2Strategy", "LoRAConfig", "LoRALinear", "Linear4bit", "QLoRAPrecision", "QuantConfig", *_LAZY]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import RECIPES_MODULE, describe_config_error, register_configs
 from .messages import PreflightError, one_line, say
+from .sharding import FSDP2Strategy, FSDPConfig
 
 
 def compose_recipe(name: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -261,6 +262,9 @@ def trainer_args(cfg: DictConfig) -> dict[str, Any]:
     # where it means "count val_check_interval across epochs".
     args = OmegaConf.to_container(cfg.trainer, resolve=True)
     args["default_root_dir"] = args["default_root_dir"] or cfg.output_dir
+    fsdp = args.pop("fsdp")
+    if args["strategy"] == FSDP2Strategy.strategy_name:
+        args["strategy"] = FSDP2Strategy(FSDPConfig(**fsdp))
     return args
 
 

@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from .adapters import recover_directories, save_adapter
+from .sharding import gathered_adapters, is_sharded
 
 GIB = 1024**3
 
@@ -355,12 +356,17 @@ class SampleGeneration(Callback):
         finally:
             model.train(was_training)
 
+    def _runs_here(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        # Under FSDP every forward gathers weights from all ranks: every rank generates (the same greedy
+        # tokens, so the same number of forwards); rank zero's samples are the ones reported.
+        return bool(self.prompts) and (trainer.is_global_zero or is_sharded(pl_module))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.prompts and trainer.is_global_zero:
+        if self._runs_here(trainer, pl_module):
             self.before = self._generate(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.prompts and trainer.is_global_zero:
+        if self._runs_here(trainer, pl_module):
             self.after = self._generate(pl_module)
 
 
@@ -378,8 +384,8 @@ class AdapterCheckpoint(Callback):
 
     ``<dirpath>/step-<N>`` is written whenever the Trainer saves a checkpoint, and ``<dirpath>/final``
     when fitting ends; each loads with ``peft.PeftModel.from_pretrained`` and
-    :func:`~lightning_qlora.adapters.load_adapter`. Rank zero writes. Under FSDP the adapters must be
-    unsharded first (not handled here).
+    :func:`~lightning_qlora.adapters.load_adapter`. Rank zero writes; under FSDP every rank
+    first gathers its adapter shards (:func:`~lightning_qlora.sharding.gathered_adapters`).
 
     Each directory is written whole or not at all (:func:`~lightning_qlora.adapters.save_adapter`): a
     kill mid-save leaves only a hidden ``.<name>.tmp-*`` sibling, which the next fit removes at its start
@@ -405,15 +411,15 @@ class AdapterCheckpoint(Callback):
             recover_directories(self._root(trainer))
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        if not trainer.is_global_zero:
-            return
         plugin = trainer.precision_plugin
-        save_adapter(
-            pl_module,
-            self._root(trainer) / name,
-            self.base_model_name_or_path,
-            plugin if hasattr(plugin, "lora") else None,
-        )
+        with gathered_adapters(pl_module):  # every rank gathers FSDP's shards; rank zero writes
+            if trainer.is_global_zero:
+                save_adapter(
+                    pl_module,
+                    self._root(trainer) / name,
+                    self.base_model_name_or_path,
+                    plugin if hasattr(plugin, "lora") else None,
+                )
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]

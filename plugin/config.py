@@ -25,6 +25,7 @@ from .messages import one_line
 from .module import ModelConfig
 from .nf4 import QuantConfig
 from .optim import OptimizerConfig
+from .sharding import FSDPConfig
 
 RECIPES_MODULE = "lightning_qlora.recipes"
 LOGGERS = ("wandb", "csv", "none")
@@ -56,6 +57,8 @@ class TrainerConfig:
     enable_model_summary: bool = True
     deterministic: Any = None
     default_root_dir: str | None = None
+    # Used with strategy=fsdp2 (trainer=fsdp) only; the pre-flight refuses it changed under another strategy.
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         # Lightning checks these only once fit() runs (max_steps, val_check_interval), or not at all

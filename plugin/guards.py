@@ -28,8 +28,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .messages import say
+from .sharding import is_sharded
 
 HIGH_LR = 1e-2  # above this an adapter learning rate is the likely cause of a divergence (QLoRA: 1e-4..2e-4)
 
@@ -125,8 +127,11 @@ class NonFiniteGuard(Callback):
         if not self._stepped:
             return
         self._stepped = False
-        weight_max = _abs_max(self._params)  # the weights are the same on every rank: so is the decision
-        if not math.isfinite(weight_max):
+        weight_max = _abs_max(self._params)
+        bad = not math.isfinite(weight_max)
+        if is_sharded(pl_module):  # each rank sees its shard of the weights: the ranks decide together
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             step = trainer.global_step - 1
             what = f"the update of step {step} made the adapter weights non-finite ({weight_max})"
             self._stop(step, what + self._cause(trainer, before_update=False))
@@ -136,15 +141,15 @@ class NonFiniteGuard(Callback):
         """Copies the weights that just gave a finite loss and gradient (before this step's update)."""
         with torch.no_grad():
             if self._good is None:
-                self._good = [p.detach().clone() for p in self._params]
+                self._good = [p.detach().clone() for p in _local(self._params)]
             else:
-                torch._foreach_copy_(self._good, [p.detach() for p in self._params])
+                torch._foreach_copy_(self._good, [p.detach() for p in _local(self._params)])
         self._good_step = step
 
     def _restore_good(self) -> None:
         if self._good is not None:
             with torch.no_grad():
-                torch._foreach_copy_([p.data for p in self._params], self._good)
+                torch._foreach_copy_([p.data for p in _local(self._params)], self._good)
 
     def _stop(self, step: int, what: str) -> None:
         """Puts the last good weights back (if this run has any yet) and raises :class:`NonFiniteError`."""
@@ -211,8 +216,13 @@ def _abs_max(tensors: list[Tensor]) -> float:
         return 0.0
     with torch.no_grad():
         # The inf-norm is the largest |value|, fused over all tensors; it propagates NaN, and so does amax.
-        maxima = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+        maxima = torch._foreach_norm([t.detach() for t in _local(tensors)], float("inf"))
         return float(torch.stack([m.float() for m in maxima]).amax())
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """This rank's part of each tensor: a sharded (FSDP2) DTensor's local shard, which shares its storage."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _current_lr(trainer: L.Trainer) -> float | None:

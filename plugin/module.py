@@ -316,8 +316,15 @@ def compile_blocks(model: nn.Module) -> int:
     torch._dynamo.config.accumulated_cache_size_limit = max(
         torch._dynamo.config.accumulated_cache_size_limit, 4 * len(blocks)
     )
+    from torch.distributed.fsdp import FSDPModule
+
     for block in blocks:
-        block.compile()
+        if isinstance(block, FSDPModule):
+            # Only the forward: FSDP2's gather and reshard hooks run around it, outside the graph (as
+            # torchtitan compiles blocks), so dynamo never traces the collectives.
+            block.forward = torch.compile(block.forward)
+        else:
+            block.compile()
     return len(blocks)
 
 

@@ -135,10 +135,15 @@ class _DequantizeMatmul(torch.autograd.Function):
 def packed_weight(weight: bnb.nn.Params4bit) -> tuple[tuple, tuple[Tensor, ...]]:
     """A quantized weight as plain tensors plus a tuple of constants, for :func:`dequantize_packed`.
 
-    The tensors are the ones the ``QuantState`` holds (no copies).
+    The tensors are the packed data and the ones the ``QuantState`` holds (no copies).
     """
-    qs = weight.quant_state
-    tensors: tuple[Tensor, ...] = (weight.data, qs.absmax)
+    spec, constants = quant_constants(weight.quant_state)
+    return spec, (weight.data, *constants)
+
+
+def quant_constants(qs: bnbF.QuantState) -> tuple[tuple, tuple[Tensor, ...]]:
+    """A ``QuantState`` as the constants and tensors :func:`dequantize_packed` takes after the packed data."""
+    tensors: tuple[Tensor, ...] = (qs.absmax,)
     nested = (0, torch.float32)
     if qs.nested:
         tensors += (qs.state2.absmax, qs.state2.code, qs.offset)
@@ -230,6 +235,7 @@ class Linear4bit(nn.Module):
         config: QuantConfig,
     ) -> None:
         super().__init__()
+        self.quant_state: bnbF.QuantState | None = None
         self.in_features = in_features
         self.out_features = out_features
         self.quant_type = config.quant_type
@@ -261,7 +267,7 @@ class Linear4bit(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return bool(getattr(self.weight, "bnb_quantized", False))
+        return self.quant_state is not None
 
     def quantize_(self, device: torch.device | str | None = None) -> Linear4bit:
         """Quantizes the weight now, on ``device`` (default: where it lies)."""
@@ -287,7 +293,21 @@ class Linear4bit(nn.Module):
         if not self.quantized:
             # Converted but never moved to a device (a plain module outside a Trainer).
             self.quantize_()
-        return self.weight
+        weight = self.weight
+        if isinstance(weight, bnb.nn.Params4bit):
+            return weight
+        # FSDP2 swapped the Params4bit for a plain tensor (the packed bytes it all-gathered): the same
+        # storage, wrapped again with the constants this layer kept.
+        return bnb.nn.Params4bit(
+            weight.detach(),
+            requires_grad=False,
+            quant_state=self.quant_state,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=weight.dtype,
+            bnb_quantized=True,
+        )
 
     def compiled_matmul(self, x: Tensor) -> Tensor:
         """``x @ W.T`` as the opaque :func:`dequantize_matmul` op, which torch.compile traces around.
@@ -296,14 +316,23 @@ class Linear4bit(nn.Module):
         """
         if self._packed is None:
             raise RuntimeError("quantize the model (move it to its device) before compiling it")
-        spec, tensors = self._packed
-        return dequantize_matmul(x, list(tensors), *spec, True)
+        spec, constants = self._packed
+        # The packed bytes are read from the module each call: under FSDP2 they are the tensor it all-gathered.
+        return dequantize_matmul(x, [self.weight, *constants], *spec, True)
 
     def _refresh_packed(self) -> None:
-        self._packed = packed_weight(self.weight) if self.quantized else None
+        """Keeps the quantization constants on the module, where FSDP2's swap of ``weight`` cannot drop them.
+
+        A sharded layer keeps its constants whole, on the device it was quantized on (they are 1/16 to 1/64
+        of the packed bytes); FSDP2 only shards and gathers the packed bytes.
+        """
+        weight = self.weight
+        if isinstance(weight, bnb.nn.Params4bit):
+            self.quant_state = weight.quant_state if weight.bnb_quantized else None
+        self._packed = quant_constants(self.quant_state) if self.quantized else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
-        packed = self.weight if self.quantized else None
+        packed = self.weight if self.quantized else None  # the bytes, whatever their storage dtype
 
         def device_only_for_packed(t: Tensor) -> Tensor:
             out = fn(t)

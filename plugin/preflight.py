@@ -9,6 +9,7 @@ one line naming the setting, file or row, raised before the first log, checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from .builders import (
     typed,
 )
 from .messages import PreflightError, one_line, say
+from .sharding import FSDP2Strategy, FSDPConfig
 
 
 def check_model_source(cfg: DictConfig) -> Any:
@@ -158,6 +160,7 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     if builds_from_config(cfg) and hf_config is not None:
         hf_config.vocab_size = len(tokenizer)  # a model built from a config takes the tokenizer's vocabulary
     _check_memory_budget(cfg, hf_config, plugin)
+    _check_fits_gpu(cfg, hf_config, plugin)
     problem = (
         datamodule.resume_problem(ckpt)
         if ckpt is not None and hasattr(datamodule, "resume_problem")
@@ -187,6 +190,19 @@ def _check_memory_budget(cfg: DictConfig, hf_config: Any, plugin: Any) -> None:
     )
 
 
+def _check_fits_gpu(cfg: DictConfig, hf_config: Any, plugin: Any) -> None:
+    """A run on a GPU whose estimated peak exceeds the GPU stops here with the estimate's table, before
+    anything is loaded (``lightning-qlora-estimate`` prints the same table for any GPU size)."""
+    from .estimate import gpu_memory_gib, will_fit
+
+    if hf_config is None or str(cfg.trainer.accelerator).lower() == "cpu" or gpu_memory_gib() is None:
+        return
+    fit = will_fit(cfg, hf_config=hf_config, plugin=plugin)
+    if not fit.fits:
+        say(fit.table())
+        raise PreflightError(f"the run does not fit a {fit.gpu_gib:g} GiB GPU (table above): {fit.advice}")
+
+
 def check_settings(cfg: DictConfig) -> Any:
     """Every check that needs no model, tokenizer or data: fast, and enough to stop a bad setting.
 
@@ -201,16 +217,34 @@ def check_settings(cfg: DictConfig) -> Any:
     for group in ("trainer", "logger", "callbacks", "sample", "optimizer", "data", "model"):
         typed(cfg[group])
     plugin = build_plugin(cfg)
-    strategy = cfg.trainer.strategy
-    if isinstance(strategy, str) and strategy.lower().split("_")[0] == "fsdp":  # fsdp, fsdp_cpu_offload
-        raise PreflightError(
-            f"trainer.strategy={strategy}: FSDP with QLoRA is not supported yet; use trainer=ddp "
-            "(trainer.strategy=ddp) to train on several GPUs"
-        )
+    check_strategy(cfg)
     check_device(cfg)
     check_trainer(cfg, plugin)
     check_output_dirs(cfg)
     return plugin
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """Lightning's own FSDP (FSDP1) takes no precision plugin but its own: point to FSDP2. ``trainer.fsdp``
+    settings changed under another strategy would be ignored: refuse them."""
+    strategy = str(cfg.trainer.strategy)
+    if strategy.lower().split("_")[0] == "fsdp":  # fsdp, fsdp_cpu_offload
+        raise PreflightError(
+            f"trainer.strategy={strategy}: Lightning's FSDPStrategy (FSDP1) accepts only its own precision plugin; "
+            f"use trainer=fsdp (trainer.strategy={FSDP2Strategy.strategy_name}: FSDP2 through Lightning's "
+            "ModelParallelStrategy, with the trainer.fsdp.* settings)"
+        )
+    if strategy != FSDP2Strategy.strategy_name:
+        changed = [
+            f"trainer.fsdp.{f.name}={getattr(cfg.trainer.fsdp, f.name)!r}"
+            for f in dataclasses.fields(FSDPConfig)
+            if getattr(cfg.trainer.fsdp, f.name) != f.default
+        ]
+        if changed:
+            raise PreflightError(
+                f"{', '.join(changed)} applies to trainer.strategy={FSDP2Strategy.strategy_name} only, but "
+                f"trainer.strategy={strategy}; use trainer=fsdp, or drop the trainer.fsdp override"
+            )
 
 
 def _first_sentence(err: BaseException) -> str:

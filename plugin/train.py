@@ -66,6 +66,7 @@ def train(cfg: DictConfig, parts: dict[str, Any] | None = None) -> dict[str, Any
     from .builders import save_base_model
     from .callbacks import AdapterCheckpoint, RunSummary, SampleGeneration, update_wandb_summary
     from .guards import NonFiniteError
+    from .sharding import gathered_adapters
 
     parts = parts or preflight(cfg)
     run_dir = os.path.abspath(cfg.output_dir)
@@ -94,9 +95,11 @@ def train(cfg: DictConfig, parts: dict[str, Any] | None = None) -> dict[str, Any
     summary["base_model"] = base_model
     summary["tokenizer_flag"] = _tokenizer_flag(cfg, base_model)
     summary["data"] = dict(getattr(parts["datamodule"], "stats", None) or {})
-    if cfg.save_adapter and trainer.is_global_zero and module.model is not None:
+    if cfg.save_adapter and module.model is not None:
         adapter_dir = os.path.join(run_dir, "adapter")
-        save_adapter(module.model, adapter_dir, base_model, trainer.precision_plugin)
+        with gathered_adapters(module.model):  # every rank gathers FSDP's shards; rank zero writes
+            if trainer.is_global_zero:
+                save_adapter(module.model, adapter_dir, base_model, trainer.precision_plugin)
         summary["adapter_dir"] = adapter_dir
     final = None
     if stopped is not None and module.model is not None:

@@ -39,9 +39,17 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from lightning_qlora import CausalLMModule, LoRAConfig, QLoRAPrecision, QuantConfig
+from lightning_qlora import (
+    CausalLMModule,
+    FSDP2Strategy,
+    LoRAConfig,
+    QLoRAPrecision,
+    QuantConfig,
+    save_adapter,
+)
 from lightning_qlora.module import ModelConfig
 from lightning_qlora.optim import OptimizerConfig
+from lightning_qlora.sharding import full_tensor, gathered_adapters, is_sharded
 
 SEQ = 64
 
@@ -82,7 +90,38 @@ def token_rows(n: int, vocab: int, seed: int = 1) -> list[dict[str, torch.Tensor
 
 
 def adapter_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+    """The whole adapters (FSDP's shards gathered: a collective, every rank calls it)."""
+    return {
+        n: full_tensor(p.detach()).float().cpu().clone()
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+class ReduceScatterCounter:
+    """Bytes FSDP2 hands to reduce-scatter (its gradient reduction), counted around the real call.
+
+    FSDP2 has no comm hook; it reduce-scatters each unit's gradients flattened into one input (through
+    ``reduce_scatter_single`` in torch 2.13, ``reduce_scatter_tensor`` before), so the input sizes summed
+    over a step are what it reduced. ``install`` wraps whichever of the two this torch has.
+    """
+
+    NAMES = ("reduce_scatter_single", "reduce_scatter_tensor")
+
+    def __init__(self, counter: ByteCounter, real: Any) -> None:
+        self.counter, self.real = counter, real
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tensor = kwargs["input"] if "input" in kwargs else args[1]
+        self.counter.bytes += tensor.numel() * tensor.element_size()
+        self.counter.buckets += 1
+        return self.real(*args, **kwargs)
+
+    @classmethod
+    def install(cls, counter: ByteCounter) -> None:
+        for name in cls.NAMES:
+            if hasattr(torch.distributed, name):
+                setattr(torch.distributed, name, cls(counter, getattr(torch.distributed, name)))
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -105,6 +144,7 @@ class Recorder(L.Callback):
         self.step_bytes: list[int] = []
         self.rows: list[list[int]] = []
         self.initial_digest = ""
+        self.cuda_start_bytes = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning's DDPStrategy registers ddp_comm_hook on CUDA only (DDPStrategy._register_ddp_hooks);
@@ -116,6 +156,9 @@ class Recorder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial_digest = digest(adapter_tensors(pl_module))
+        if pl_module.device.type == "cuda":  # what the GPU holds before the first step: weights and adapters
+            self.cuda_start_bytes = torch.cuda.memory_allocated(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
@@ -126,7 +169,7 @@ class Recorder(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
     ) -> None:
-        grads = [p.grad.detach().float() for p in pl_module.parameters() if p.grad is not None]
+        grads = [full_tensor(p.grad.detach()).float() for p in pl_module.parameters() if p.grad is not None]
         self.grad_norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
     def on_train_batch_end(
@@ -134,6 +177,11 @@ class Recorder(L.Callback):
     ) -> None:
         self.losses.append(outputs["loss"].item())
         self.step_bytes.append(self.counter.bytes - self._bytes_before)
+
+
+def _local_bytes(param: torch.Tensor) -> int:
+    local = param.to_local() if hasattr(param, "to_local") else param
+    return local.numel() * local.element_size()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,23 +197,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", default="false", choices=("auto", "true", "false"))
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lora-r", type=int, default=4)
+    parser.add_argument("--strategy", default="ddp", choices=("ddp", "fsdp2"))
+    parser.add_argument("--quant-storage", default="uint8")
+    parser.add_argument(
+        "--rows", type=int, default=0, help="rows in the data (default: steps x batch x world)"
+    )
+    parser.add_argument("--save", default=None, help="trainer.save_checkpoint here at the end")
+    parser.add_argument("--resume", default=None, help="trainer.fit(ckpt_path=...)")
+    parser.add_argument("--adapter-dir", default=None, help="save_adapter here at the end (rank zero writes)")
     args = parser.parse_args(argv)
 
     world = args.devices * args.num_nodes
     cuda = args.accelerator in ("gpu", "cuda")
     counter = ByteCounter()
-    if world > 1:
+    if args.strategy == "fsdp2":
+        strategy: Any = FSDP2Strategy()
+        ReduceScatterCounter.install(counter)
+    elif world > 1:
         # On CUDA the hook goes in through Lightning's own strategy argument (what a user would write).
-        strategy: Any = (
-            DDPStrategy(ddp_comm_state=counter, ddp_comm_hook=counting_allreduce) if cuda else "ddp"
-        )
+        strategy = DDPStrategy(ddp_comm_state=counter, ddp_comm_hook=counting_allreduce) if cuda else "ddp"
     else:
         strategy = "auto"
     recorder = Recorder(counter, register_hook=world > 1 and not cuda)
     compile_flag = {"auto": "auto", "true": True, "false": False}[args.compile]
     L.seed_everything(0, verbose=False)
     plugin = QLoRAPrecision(
-        quant=QuantConfig(compute_dtype=args.compute_dtype),
+        quant=QuantConfig(compute_dtype=args.compute_dtype, quant_storage=args.quant_storage),
         lora=LoRAConfig(r=args.lora_r, alpha=2 * args.lora_r),
     )
     module = CausalLMModule(
@@ -188,11 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=[recorder],
     )
     vocab = json.loads((Path(args.checkpoint) / "config.json").read_text())["vocab_size"]
-    rows = token_rows(args.steps * args.batch * world, vocab)
+    rows = token_rows(args.rows or args.steps * args.batch * world, vocab)
     # Under DDP: a plain loader, under which Lightning puts its DistributedSampler. One process: the
     # permutation that sampler walks (seed 0 = PL_GLOBAL_SEED), as a sampler Lightning does not replace.
     sampler = None if world > 1 else torch.utils.data.DistributedSampler(rows, num_replicas=1, rank=0, seed=0)
-    trainer.fit(module, torch.utils.data.DataLoader(rows, batch_size=args.batch, sampler=sampler))
+    loader = torch.utils.data.DataLoader(rows, batch_size=args.batch, sampler=sampler)
+    trainer.fit(module, loader, ckpt_path=args.resume)
+    if args.save:
+        trainer.save_checkpoint(args.save)
+    if args.adapter_dir:
+        with gathered_adapters(module):
+            if trainer.is_global_zero:
+                save_adapter(module, args.adapter_dir, precision=plugin)
 
     adapters = adapter_tensors(module)
     rank = trainer.global_rank
@@ -212,9 +276,16 @@ def main(argv: list[str] | None = None) -> None:
         "step_bytes": recorder.step_bytes,
         "rows": recorder.rows,
         "buckets": counter.buckets,
+        "strategy": type(trainer.strategy).__name__,
+        "sharded": is_sharded(module),
         "trainable_bytes": sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad),
         "trainable_dtypes": sorted({str(p.dtype) for p in module.parameters() if p.requires_grad}),
         "frozen_bytes": sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad),
+        # What this rank holds: under FSDP its shards (a DTensor's local part), else the whole parameter.
+        "local_frozen_bytes": sum(_local_bytes(p) for p in module.parameters() if not p.requires_grad),
+        "local_trainable_bytes": sum(_local_bytes(p) for p in module.parameters() if p.requires_grad),
+        "cuda_start_bytes": recorder.cuda_start_bytes,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(module.device) if cuda else 0,
         "initial_digest": recorder.initial_digest,
         "digest": digest(adapters),
     }

@@ -1,4 +1,4 @@
-"""DDP on two CUDA GPUs through Lightning's own strategy: the same training as one GPU, adapters only on the wire.
+"""DDP and FSDP2 on 2 (and 4) CUDA GPUs through Lightning: the same training as one GPU, adapters only on the wire.
 
 Each case runs ``multi_worker.py`` twice, at once: 1 GPU with batch 8, and ``devices=2,
 strategy=DDPStrategy(ddp_comm_hook=...)`` with batch 4 per GPU, over the same global batches (Lightning's
@@ -19,6 +19,10 @@ What the tolerances leave to other checks: the rows each rank trained (recorded,
 identical adapters on both ranks (sha256), and the bytes all-reduced per step (equal to the adapters'
 fp32 gradients, counted by the comm hook).
 
+FSDP2 (``FSDP2Strategy``) is held to the same tolerances, and each GPU must hold 1/N of the 4-bit weights
+and adapters (its shards, counted exactly) at N = 2 and 4; the CUDA memory allocated before the first
+step is printed beside it.
+
 Run: ``pytest -m gpu tests/test_gpu_multi.py -s`` on a machine with 2+ GPUs (skipped otherwise).
 """
 
@@ -30,6 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 from multi_worker import (
+    adapter_bytes,
     check_only_adapters_reduced,
     check_same_training,
     read_ranks,
@@ -60,16 +65,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_gpus_train_like_one_and_all_reduce_only_the_adapters(
-    checkpoint: Path, tmp_path: Path, variant: str
+    checkpoint: Path, tmp_path: Path, variant: str, strategy: str
 ):
     compile_flag, dtype, loss_rtol, grad_rtol, grad_steps = VARIANTS[variant]
     common = ["--accelerator", "gpu", "--steps", str(STEPS), "--lora-r", str(R), "--compute-dtype", dtype,
               "--compile", compile_flag]  # fmt: skip
     runs = {
         "1 GPU": (tmp_path / "one", ["--devices", "1", "--batch", "8"]),
-        "2 GPUs": (tmp_path / "two", ["--devices", "2", "--batch", "4"]),
+        "2 GPUs": (tmp_path / "two", ["--devices", "2", "--batch", "4", "--strategy", strategy]),
     }
     procs = {
         name: (start(worker_cmd(checkpoint, out, *args, *common), out / "log.txt"), out / "log.txt")
@@ -84,6 +90,40 @@ def test_two_gpus_train_like_one_and_all_reduce_only_the_adapters(
 
     lines = check_same_training(one, ranks, loss_rtol, grad_rtol, grad_steps)
     config = json.loads((checkpoint / "config.json").read_text())
-    lines.append(check_only_adapters_reduced(ranks, config, R))
+    if strategy == "ddp":
+        lines.append(check_only_adapters_reduced(ranks, config, R))
+    else:
+        sent, adapters = ranks[0]["step_bytes"], adapter_bytes(config, R)
+        assert all(adapters <= b <= 1.01 * adapters for b in sent), (
+            f"reduce-scattered {sent}, adapters {adapters}"
+        )
+        lines.append(f"reduce-scattered {sent[0]:,} bytes/step (adapters' fp32 gradients {adapters:,})")
     for line in lines:
-        print(f"[2 GPUs, {variant}] {line}")
+        print(f"[2 GPUs, {strategy}, {variant}] {line}")
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_fsdp_gives_each_gpu_a_1_over_n_share_of_the_weights(checkpoint: Path, tmp_path: Path, devices: int):
+    if torch.cuda.device_count() < devices:
+        pytest.skip(f"needs {devices} CUDA GPUs")
+    common = ["--accelerator", "gpu", "--steps", "2", "--lora-r", str(R), "--compute-dtype", "bfloat16",
+              "--batch", "2", "--strategy", "fsdp2"]  # fmt: skip
+    runs = {"1": ["--devices", "1"], str(devices): ["--devices", str(devices)]}
+    procs = {
+        n: (start(worker_cmd(checkpoint, tmp_path / n, *args, *common), tmp_path / n / "log.txt"),
+            tmp_path / n / "log.txt")
+        for n, args in runs.items()
+    }  # fmt: skip
+    wait_all(procs, timeout=900)
+    (one,) = read_ranks(tmp_path / "1", 1)
+    ranks = read_ranks(tmp_path / str(devices), devices)
+    for rank in ranks:
+        for key in ("local_frozen_bytes", "local_trainable_bytes"):
+            share = rank[key] / one[key]
+            assert abs(share - 1 / devices) <= 0.02, f"rank {rank['global_rank']}: {key} share {share:.3f}"
+    print(
+        f"[FSDP2, {devices} GPUs] per GPU: {ranks[0]['local_frozen_bytes']:,} frozen bytes "
+        f"(1 GPU: {one['local_frozen_bytes']:,}); CUDA allocated before step 1: "
+        f"{[r['cuda_start_bytes'] for r in ranks]} (1 GPU: {one['cuda_start_bytes']:,}); "
+        f"peaks {[r['cuda_peak_bytes'] for r in ranks]} (1 GPU: {one['cuda_peak_bytes']:,})"
+    )

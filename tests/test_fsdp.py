@@ -1,0 +1,153 @@
+"""FSDP2 (``FSDP2Strategy``, Lightning's ModelParallelStrategy + ``fully_shard``) on this host: CPU, gloo.
+
+- 2 sharded processes train like 1 process at the same global batch (losses, gradient norms, adapters),
+  reduce only the adapters' gradients, and each holds half of the 4-bit weights.
+- The adapter written from the sharded run (``save_adapter`` after gathering) is the 1-process file.
+- A sharded checkpoint holds adapters and optimizer state only, and resumes with another number of
+  processes (2 -> 1 and 1 -> 2) to the same adapters as a 1-process run resumed from its own checkpoint.
+- ``lightning-qlora trainer=fsdp trainer.devices=2 trainer.accelerator=cpu`` trains end to end.
+
+The GPU twin (NCCL, per-GPU memory at N = 1, 2, 4) is ``test_gpu_multi.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import micro_overrides
+from multi_worker import adapter_bytes, check_same_training, read_ranks, start, wait_all, worker_cmd
+from safetensors.torch import load_file
+from tiny import save_tiny_llama
+
+R = 4
+STEPS = 4
+ROWS = 64  # every run walks the same permutation of the same rows, resumed runs included
+
+
+def _run_all(root: Path, checkpoint: Path, runs: dict[str, list[str]]) -> None:
+    common = ["--accelerator", "cpu", "--lora-r", str(R), "--rows", str(ROWS)]
+    procs = {}
+    for name, args in runs.items():
+        out = root / name
+        procs[name] = (start(worker_cmd(checkpoint, out, *common, *args), out / "log.txt"), out / "log.txt")
+    wait_all(procs, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("fsdp")
+    checkpoint = root / "tiny-llama"
+    save_tiny_llama(checkpoint)
+    one = ["--devices", "1", "--batch", "8"]
+    two = ["--devices", "2", "--batch", "4"]
+    first = ["--steps", str(STEPS)]
+    _run_all(root, checkpoint, {
+        "one": [*one, *first, "--save", str(root / "one.ckpt"), "--adapter-dir", str(root / "one-adapter")],
+        "fsdp2": [*two, *first, "--strategy", "fsdp2", "--save", str(root / "fsdp2.ckpt"),
+                  "--adapter-dir", str(root / "fsdp2-adapter")],
+        "fsdp1": [*one, *first, "--strategy", "fsdp2", "--save", str(root / "fsdp1.ckpt")],
+    })  # fmt: skip
+    resumed = ["--steps", str(2 * STEPS)]
+    _run_all(root, checkpoint, {
+        "one-resumed": [*one, *resumed, "--resume", str(root / "one.ckpt")],
+        "2to1": [*one, *resumed, "--strategy", "fsdp2", "--resume", str(root / "fsdp2.ckpt")],
+        "1to2": [*two, *resumed, "--strategy", "fsdp2", "--resume", str(root / "fsdp1.ckpt")],
+    })  # fmt: skip
+    return {
+        "root": root,
+        "config": json.loads((checkpoint / "config.json").read_text()),
+        **{name: read_ranks(root / name, 2 if name in ("fsdp2", "1to2") else 1)
+           for name in ("one", "fsdp2", "fsdp1", "one-resumed", "2to1", "1to2")},
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_sharded_processes_train_like_one_at_the_same_global_batch(runs):
+    assert all(r["sharded"] and r["strategy"] == "FSDP2Strategy" for r in runs["fsdp2"])
+    # fp32 on CPU; the same bound as DDP's (test_multinode): a rank that trained other rows, or a sum in
+    # place of a mean, is 1e-3 off.
+    for line in check_same_training(
+        runs["one"][0], runs["fsdp2"], loss_rtol=1e-5, grad_rtol=1e-5, grad_steps=STEPS
+    ):
+        print(f"[FSDP2, 2 processes, CPU] {line}")
+
+
+@pytest.mark.slow
+def test_each_rank_holds_half_the_weights_and_reduces_only_adapter_gradients(runs):
+    one, ranks = runs["one"][0], runs["fsdp2"]
+    for rank in ranks:
+        # fully_shard splits dim 0 in 2 (padding the last shard): each rank holds half, to a row.
+        assert (
+            abs(rank["local_frozen_bytes"] - one["local_frozen_bytes"] / 2)
+            <= 0.01 * one["local_frozen_bytes"]
+        )
+        assert (
+            abs(rank["local_trainable_bytes"] - one["local_trainable_bytes"] / 2)
+            <= 0.01 * one["local_trainable_bytes"]
+        )
+    adapters = adapter_bytes(runs["config"], R)
+    assert one["trainable_bytes"] == adapters
+    for step, sent in enumerate(ranks[0]["step_bytes"]):
+        # Every trainable gradient, whole (fp32), once per step (+ padding to a multiple of 2 rows); the
+        # frozen 4-bit and 16-bit weights get no gradient and send none.
+        assert adapters <= sent <= adapters * 1.01, (
+            f"step {step}: {sent} bytes reduce-scattered, adapters {adapters}"
+        )
+    print(
+        f"[FSDP2, 2 processes, CPU] per rank: {ranks[0]['local_frozen_bytes']:,} frozen bytes of "
+        f"{one['local_frozen_bytes']:,}; reduce-scattered {ranks[0]['step_bytes'][0]:,} bytes/step "
+        f"(adapters {adapters:,})"
+    )
+
+
+@pytest.mark.slow
+def test_the_adapter_saved_from_a_sharded_run_is_the_one_process_file(runs):
+    root = runs["root"]
+    one, sharded = root / "one-adapter", root / "fsdp2-adapter"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in sharded.iterdir())
+    for name in ("adapter_config.json", "qlora_config.json"):
+        assert json.loads((one / name).read_text()) == json.loads((sharded / name).read_text())
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(sharded / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, f"adapters differ by {diff:.2e}"  # whole tensors, not one rank's shard
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_holds_adapters_only_and_resumes_on_another_process_count(runs):
+    import torch.distributed.checkpoint as dcp
+
+    from lightning_qlora.lora import is_adapter_key
+
+    root = runs["root"]
+    assert (root / "fsdp2.ckpt").is_dir() and len(list((root / "fsdp2.ckpt").glob("*.distcp"))) == 2
+    keys = list(dcp.FileSystemReader(str(root / "fsdp2.ckpt")).read_metadata().state_dict_metadata)
+    model_keys = [k.removeprefix("state_dict.") for k in keys if k.startswith("state_dict.")]
+    assert model_keys and all(is_adapter_key(k) for k in model_keys), [
+        k for k in model_keys if not is_adapter_key(k)
+    ]
+    reference = torch.load(root / "one-resumed" / "rank0.pt")
+    for name in ("2to1", "1to2"):
+        assert all(r["losses"] for r in runs[name])
+        got = torch.load(root / name / "rank0.pt")
+        assert got.keys() == reference.keys()
+        diff = max((got[k] - reference[k]).abs().max().item() for k in got)
+        # Resumed at step 4 from the same adapters and AdamW state: only the reduction order differs.
+        assert diff < 1e-5, f"{name}: adapters differ from the 1-process resume by {diff:.2e}"
+    assert runs["2to1"][0]["digest"] != runs["fsdp2"][0]["digest"], "the resumed run trained further"
+
+
+@pytest.mark.slow
+def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path):
+    proc = run_cli("trainer=fsdp", *micro_overrides(), "trainer.devices=2", timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert out.count("lightning-qlora: finished 3 steps") == 1, "rank 0 alone prints the summary"
+    run_dir = next(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert weights and all(t.dim() == 2 and min(t.shape) == 16 for t in weights.values())  # whole, r=16
