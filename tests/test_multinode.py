@@ -177,10 +177,6 @@ def test_bench_table_reports_scaling_against_the_one_device_row():
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (
-            ["--devices", "2", "--strategy", "fsdp"],
-            "FSDP with QLoRA is not supported yet; use --strategy ddp",
-        ),
         (["--devices", "0"], "--devices='0' must be a number of GPUs (>= 1)"),
         (["--devices", "2", "--max-memory-gib", "40"], "--max-memory-gib measures one GPU"),
     ],
