@@ -442,6 +442,50 @@ def target_names(directory: str | os.PathLike) -> list[str]:
     return names
 
 
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[Tensor, Tensor]]]:
+    """An adapter directory read without a model: its validated config and each layer's ``(A, B)``.
+
+    For tools that apply an adapter to weights they stream (the merged export of a 4-bit
+    checkpoint); :func:`load_adapter` checks the same file against a model instead.
+
+    Returns:
+        ``adapter_config.json`` (:func:`read_adapter_config`) and, per adapted layer (named as in
+        the HF model), its float ``lora_A`` (r x in) and ``lora_B`` (out x r) weights.
+
+    Raises:
+        ValueError: a key that is not a LoRA weight, a layer with only one of A and B, a rank other
+            than the config's ``r``, or no weights at all; naming the directory and the key.
+    """
+    path = Path(directory)
+    cfg = read_adapter_config(path)
+    where = f"adapter directory '{path}'"
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in _read_adapter_weights(path).items():
+        parsed = _layer_key(key)
+        if parsed is None:
+            raise ValueError(
+                f"{where}: key '{key}' is not a LoRA weight (lora_A/lora_B); it is not a LoRA adapter"
+            )
+        parts.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if not parts:
+        raise ValueError(f"{where}: the adapter file holds no LoRA weights")
+    pairs: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, found in parts.items():
+        for part in ("lora_A", "lora_B"):
+            if part not in found:
+                raise ValueError(
+                    f"{where}: '{name}' has no {part} weight in the adapter file; save the adapter again"
+                )
+        a, b = found["lora_A"], found["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != cfg["r"] or b.shape[1] != cfg["r"]:
+            raise ValueError(
+                f"{where}: '{name}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do not make rank "
+                f"r={cfg['r']} of its {ADAPTER_CONFIG}; the files do not belong together"
+            )
+        pairs[name] = (a, b)
+    return cfg, pairs
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Loads a LoRA adapter (ours or PEFT's) into a model converted by ``QLoRAPrecision``.
@@ -619,6 +663,7 @@ __all__ = [
     "hf_root",
     "load_adapter",
     "merge_adapter",
+    "read_adapter",
     "read_adapter_config",
     "read_qlora_config",
     "recover_directories",

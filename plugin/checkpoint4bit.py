@@ -1,4 +1,4 @@
-"""Bitsandbytes 4-bit checkpoints in transformers' format: loaded, written, and made at random.
+"""Bitsandbytes 4-bit checkpoints in transformers' format: read, checked and loaded.
 
 A transformers ``save_pretrained`` of a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``
 (the ``...-bnb-4bit`` hub repos) has ``quantization_config`` in its config.json and, for every
@@ -7,28 +7,29 @@ state: ``.weight.absmax``, ``.weight.quant_map``, ``.weight.quant_state.bitsandb
 blob: block size, dtype, shape) and, with double quantization, ``.weight.nested_absmax`` and
 ``.weight.nested_quant_map``. Everything else is stored in 16-bit.
 
+* :func:`read_4bit_checkpoint` reads a checkpoint's layout (headers and quant-state blobs, no
+  weights) and refuses an incomplete one; :func:`check_quant` and :func:`preflight_checkpoint`
+  refuse settings that contradict it.
 * :func:`load_pretrained` gives ``CausalLMModule`` the model ready for training from either kind
   of checkpoint; a 4-bit one is built empty, converted by ``QLoRAPrecision`` and its packed weights
   are placed into the :class:`~lightning_qlora.Linear4bit` layers as they are, shard by shard,
   straight onto the device (never re-quantized, never 16-bit on the GPU).
-* :func:`save_4bit_checkpoint` writes a converted model's quantized base in the same format, so
-  transformers (``from_pretrained``) and PEFT load it back.
-* :func:`write_random_4bit_checkpoint` writes a random-initialised model as a 4-bit checkpoint one
-  module at a time (the 70B benchmark's checkpoint, which has no 16-bit copy anywhere).
-* :mod:`lightning_qlora.quantize` (``lightning-qlora-quantize``) makes one from a 16-bit checkpoint.
+
+Writing lives next door: :mod:`.checkpoint4bit_write` (``save_4bit_checkpoint``,
+``write_random_4bit_checkpoint``, the shard writer), :mod:`.checkpoint4bit_merge` (an adapter
+merged into a 4-bit checkpoint, streamed) and :mod:`lightning_qlora.quantize`
+(``lightning-qlora-quantize``, one made from a 16-bit checkpoint).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import re
-import shutil
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +40,16 @@ from .nf4 import (
     SERIALIZED_PARTS,
     Linear4bit,
     QuantConfig,
-    _largest_blocksize,
     _matches,
     deferred_linear_init,
     named_linears,
-    quantize_tensor,
-    serialize_params4bit,
 )
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 _QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 # Files of a model directory that are weights or their index (everything else is config/tokenizer).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _ST_TORCH = {"U8": torch.uint8, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
@@ -103,7 +101,7 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
         return files
     if (path / SAFE_WEIGHTS).is_file():
         return [path / SAFE_WEIGHTS]
-    other = sorted(p.name for p in path.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES))
+    other = sorted(p.name for p in path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
     hint = (
         f"it has {other[:3]}: re-save it with save_pretrained (safetensors is the default)"
         if other
@@ -172,6 +170,7 @@ class Checkpoint4bit:
         quant: the settings its weights were quantized with (``compute_dtype`` from
             ``bnb_4bit_compute_dtype``; ``skip_modules`` empty: which linear layers are 16-bit is
             only known against the model, see :func:`check_quant`).
+        shapes: quantized layer name -> its weight's (out, in) shape, from the quant state.
     """
 
     path: Path
@@ -180,73 +179,126 @@ class Checkpoint4bit:
     tensors: dict[str, TensorInfo]
     layers: dict[str, list[str]]
     quant: QuantConfig
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     total_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.total_bytes = sum(t.nbytes for t in self.tensors.values())
 
+    def weight_shape(self, layer: str) -> tuple[int, ...] | None:
+        """The (out, in) shape of ``layer``'s weight, 4-bit or 16-bit; None if the checkpoint has none."""
+        if layer in self.shapes:
+            return self.shapes[layer]
+        info = self.tensors.get(layer + ".weight")
+        return info.shape if info is not None else None
 
-def read_4bit_checkpoint(path: str | os.PathLike) -> Checkpoint4bit:
+
+# The quant-state entries of a packed weight besides its JSON blob: always, and with double quantization.
+_STATE_PARTS = (".absmax", ".quant_map")
+_NESTED_PARTS = (".nested_absmax", ".nested_quant_map")
+_REMAKE = (
+    "re-save it (save_pretrained of the transformers 4-bit model) or make it again with "
+    "lightning-qlora-quantize from the 16-bit model"
+)
+
+
+def read_4bit_checkpoint(path: str | os.PathLike, where: str = "") -> Checkpoint4bit:
     """Reads a 4-bit checkpoint's layout: headers, and each layer's small quant-state blob.
 
+    Every quantized layer must be complete: its packed codes, ``absmax``, ``quant_map`` (and the
+    nested pair with double quantization) and the blob, whose shape must fit the packed bytes;
+    a quant-state entry without its blob counts as a layer missing its blob.
+
+    Args:
+        path: the directory.
+        where: the setting that named it (``--model``), for messages.
+
     Raises:
-        ValueError: not a bitsandbytes 4-bit checkpoint, an incomplete layer, or layers quantized
-            with different settings.
+        ValueError: not a bitsandbytes 4-bit checkpoint, an incomplete or inconsistent layer, or
+            layers quantized with different settings; one line naming the layer and the entry.
     """
     from bitsandbytes.utils import unpack_tensor_to_dict
     from safetensors import safe_open
 
     path = Path(path)
-    config = read_config(path)
+    named = f"{where}='{path}'" if where else f"'{path}'"
+    config = read_config(path, where)
     if quantization_method(config) != BNB_4BIT:
         raise ValueError(
-            f"'{path}' is not a bitsandbytes 4-bit checkpoint (its config.json has no load_in_4bit)"
+            f"{named} is not a bitsandbytes 4-bit checkpoint (its config.json has no load_in_4bit)"
         )
     files = weight_files(path)
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         tensors.update(read_safetensors_header(file))
-    layers: dict[str, list[str]] = {}
     states: dict[str, str] = {}
     for name in tensors:
         if _QUANT_STATE in name:
-            layer = name[: name.index(_QUANT_STATE)]
-            states[layer] = name
-    for layer in states:
-        prefix = layer + ".weight"
-        layers[layer] = [prefix + s for s in SERIALIZED_PARTS if prefix + s in tensors]
-        if prefix not in tensors:
-            raise ValueError(
-                f"'{path}' is incomplete: {layer} has a quant state but no packed weight {prefix}"
-            )
-    if not layers:
+            states[name[: name.index(_QUANT_STATE)]] = name
+    orphans: dict[str, list[str]] = {}  # quant-state entries of a layer that has no blob to read them with
+    for name in tensors:
+        for part in (*_STATE_PARTS, *_NESTED_PARTS):
+            layer = name.removesuffix(".weight" + part)
+            if name.endswith(".weight" + part) and layer not in states:
+                orphans.setdefault(layer, []).append(part.lstrip("."))
+    if orphans:
+        layer = min(orphans)
         raise ValueError(
-            f"'{path}' says load_in_4bit but holds no 4-bit weights (no *{_QUANT_STATE}* tensors)"
+            f"{named} is incomplete: 4-bit layer {layer} has {sorted(orphans[layer])} but no "
+            f"{layer}{_QUANT_STATE}<type> entry (the quant state that says how to read them); {_REMAKE}"
         )
-    settings: dict[tuple, list[str]] = {}
+    if not states:
+        raise ValueError(
+            f"{named} says load_in_4bit but holds no 4-bit weights (no *{_QUANT_STATE}* tensors)"
+        )
+    blobs: dict[str, dict[str, Any]] = {}
     by_file: dict[Path, list[str]] = {}
     for layer, key in states.items():
         by_file.setdefault(tensors[key].file, []).append(layer)
     for file, names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for layer in names:
-                blob = unpack_tensor_to_dict(f.get_tensor(states[layer]))
-                packed = tensors[layer + ".weight"]
-                nested = layer + ".weight.nested_absmax" in tensors
-                key = (blob["quant_type"], int(blob["blocksize"]), nested, packed.dtype)
-                settings.setdefault(key, []).append(layer)
+                try:
+                    blobs[layer] = unpack_tensor_to_dict(f.get_tensor(states[layer]))
+                except (ValueError, UnicodeDecodeError) as err:
+                    raise ValueError(
+                        f"{named}: {states[layer]} is not a quant-state blob ({err}); {_REMAKE}"
+                    ) from None
+    layers: dict[str, list[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    settings: dict[tuple, list[str]] = {}
+    for layer, blob in blobs.items():
+        prefix = layer + ".weight"
+        nested = "nested_blocksize" in blob
+        needed = ["", *_STATE_PARTS, *(_NESTED_PARTS if nested else ())]
+        absent = [prefix + s for s in needed if prefix + s not in tensors]
+        missing_keys = [k for k in ("quant_type", "blocksize", "shape", "dtype") if k not in blob]
+        if absent or missing_keys:
+            what = f"lacks {absent}" if absent else f"has a quant-state blob without {missing_keys}"
+            raise ValueError(f"{named} is incomplete: 4-bit layer {layer} {what}; {_REMAKE}")
+        shape = tuple(int(d) for d in blob["shape"])
+        packed = tensors[prefix]
+        if packed.nbytes != (torch.Size(shape).numel() + 1) // 2:
+            raise ValueError(
+                f"{named} is inconsistent: {prefix} holds {packed.nbytes} bytes of 4-bit codes but its quant state "
+                f"says shape {shape}; {_REMAKE}"
+            )
+        layers[layer] = [prefix + s for s in SERIALIZED_PARTS if prefix + s in tensors]
+        shapes[layer] = shape
+        key = (blob["quant_type"], int(blob["blocksize"]), nested, packed.dtype)
+        settings.setdefault(key, []).append(layer)
     if len(settings) > 1:
         described = "; ".join(
             f"{len(v)} layers (e.g. {v[0]}) with quant_type={k[0]}, blocksize={k[1]}, double_quant={k[2]}"
             for k, v in settings.items()
         )
         raise ValueError(
-            f"'{path}' mixes quantization settings, which one QuantConfig cannot describe: {described}"
+            f"{named} mixes quantization settings, which one QuantConfig cannot describe: {described}"
         )
     (quant_type, blocksize, nested, storage), _ = next(iter(settings.items()))
     if storage not in _ST_TORCH:
         raise ValueError(
-            f"'{path}': packed 4-bit weights stored as {storage}, which bitsandbytes does not write"
+            f"{named}: packed 4-bit weights stored as {storage}, which bitsandbytes does not write"
         )
     qc = config["quantization_config"]
     quant = QuantConfig(
@@ -257,7 +309,7 @@ def read_4bit_checkpoint(path: str | os.PathLike) -> Checkpoint4bit:
         quant_storage=_ST_TORCH[storage],
         skip_modules=[],
     )
-    return Checkpoint4bit(path, config, files, tensors, layers, quant)
+    return Checkpoint4bit(path, config, files, tensors, layers, quant, shapes)
 
 
 def _short_skip_list(keep: Sequence[str], linears: Sequence[str]) -> list[str]:
@@ -366,11 +418,11 @@ def preflight_checkpoint(
         return None
     if method != BNB_4BIT:
         raise ValueError(_other_method(f"{where}={str(path)!r}", method))
-    check_quant(read_4bit_checkpoint(local), quant, _linear_names(local, trust_remote_code), where)
+    check_quant(read_4bit_checkpoint(local, where), quant, linear_names(local, trust_remote_code), where)
     return method
 
 
-def _linear_names(path: str | os.PathLike, trust_remote_code: bool = False) -> list[str]:
+def linear_names(path: str | os.PathLike, trust_remote_code: bool = False) -> list[str]:
     """The linear layers of the model a checkpoint's config.json describes (built on meta: no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -383,7 +435,7 @@ def _linear_names(path: str | os.PathLike, trust_remote_code: bool = False) -> l
 
 
 def checkpoint_quant(
-    path: str | os.PathLike, compute_dtype: Any = None, trust_remote_code: bool = False
+    path: str | os.PathLike, compute_dtype: Any = None, trust_remote_code: bool = False, where: str = ""
 ) -> QuantConfig:
     """The :class:`QuantConfig` a 4-bit checkpoint was quantized with, ``skip_modules`` included.
 
@@ -394,9 +446,13 @@ def checkpoint_quant(
         path: the checkpoint directory.
         compute_dtype: the compute dtype (default: the checkpoint's ``bnb_4bit_compute_dtype``).
         trust_remote_code: passed to transformers.
+        where: the setting that named it, for messages.
+
+    Raises:
+        ValueError: not a complete bitsandbytes 4-bit checkpoint (:func:`read_4bit_checkpoint`).
     """
-    ckpt = read_4bit_checkpoint(path)
-    linears = _linear_names(path, trust_remote_code)
+    ckpt = read_4bit_checkpoint(path, where)
+    linears = linear_names(path, trust_remote_code)
     kept = [n for n in linears if n not in ckpt.layers]
     changes: dict[str, Any] = {"skip_modules": _short_skip_list(kept, linears)}
     if compute_dtype is not None:
@@ -446,27 +502,55 @@ def load_pretrained(
     """
     from transformers import AutoModelForCausalLM
 
-    from .hub import looks_local
-
     name = str(path)
-    local = os.path.expanduser(name)
-    if looks_local(name) and not os.path.isdir(local):
-        raise FileNotFoundError(f"model.name_or_path={name!r} does not exist")
+    source, method = locate_checkpoint(name, revision, trust_remote_code)
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    method = _method_of(name, local, revision, trust_remote_code)
     if method == BNB_4BIT:
-        directory = local if os.path.isdir(local) else _download(name, revision)
-        return load_4bit_checkpoint(
-            directory, plugin, dtype=dtype, device=device, progress=progress, **kwargs
-        )
+        return load_4bit_checkpoint(source, plugin, dtype=dtype, device=device, progress=progress, **kwargs)
     if method is not None:
         raise ValueError(_other_method(f"model.name_or_path={name!r}", method))
     return AutoModelForCausalLM.from_pretrained(
-        local if os.path.isdir(local) else name, dtype=dtype, revision=revision, device_map="cpu", **kwargs
+        source, dtype=dtype, revision=revision, device_map="cpu", **kwargs
     )
+
+
+def locate_checkpoint(
+    name: str | os.PathLike,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    where: str = "model.name_or_path",
+) -> tuple[str, str | None]:
+    """Where a model loads from, and how it is quantized (:func:`quantization_method`).
+
+    A local directory is read as it is. For a hub id only the config is fetched, unless it is a
+    bitsandbytes 4-bit checkpoint: then its config and safetensors files are downloaded, since
+    those are read directly (transformers' loader is not used for them).
+
+    Args:
+        name: a local directory or a hub id.
+        revision: hub revision.
+        trust_remote_code: passed to transformers.
+        where: the setting that named it, for messages.
+
+    Returns:
+        The local directory (or the hub id of a 16-bit model) and the quantization method (None: 16-bit).
+
+    Raises:
+        FileNotFoundError: a local-looking path that does not exist.
+    """
+    from .hub import looks_local
+
+    name = str(name)
+    local = os.path.expanduser(name)
+    if looks_local(name) and not os.path.isdir(local):
+        raise FileNotFoundError(f"{where}={name!r} does not exist")
+    method = _method_of(name, local, revision, trust_remote_code)
+    if os.path.isdir(local):
+        return local, method
+    return (_download(name, revision) if method == BNB_4BIT else name), method
 
 
 def _method_of(name: str, local: str, revision: str | None, trust_remote_code: bool) -> str | None:
@@ -578,7 +662,7 @@ def _adapter_modules(model: nn.Module) -> set[int]:
     return out
 
 
-def _named_state(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
+def named_state(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]]:
     """(canonical key, owner module, attribute, tensor) for every parameter and persistent buffer,
     adapters and non-persistent buffers excluded, :class:`Linear4bit` weights included as they are."""
     skip = _adapter_modules(model)
@@ -616,7 +700,7 @@ def load_weights(
     }
     slots: dict[str, tuple[nn.Module, str, Tensor]] = {}
     groups: dict[int, list[str]] = {}  # tied tensors: one id, several names
-    for key, module, attr, tensor in _named_state(model):
+    for key, module, attr, tensor in named_state(model):
         if key.endswith(".weight") and key[: -len(".weight")] in quantized and isinstance(module, Linear4bit):
             continue
         slots.setdefault(key, (module, attr, tensor))
@@ -626,7 +710,7 @@ def load_weights(
     pending: dict[str, dict[str, Tensor]] = {}
     loaded: set[int] = set()
     unexpected: list[str] = []
-    bar = _progress(ckpt.total_bytes, len(ckpt.layers), "loading 4-bit checkpoint", progress)
+    bar = progress_bar(ckpt.total_bytes, len(ckpt.layers), "loading 4-bit checkpoint", progress)
     done_layers = 0
     for file in ckpt.files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -665,7 +749,7 @@ def load_weights(
     missing = [names[0] for tid, names in groups.items() if tid not in loaded]
     missing += [n for n in quantized if n not in ckpt.layers]
     # A tie broken by placing one name of a meta tensor would leave its other name on meta.
-    missing += [key for key, _, _, t in _named_state(model) if t.device.type == "meta"]
+    missing += [key for key, _, _, t in named_state(model) if t.device.type == "meta"]
     if missing:
         raise ValueError(f"'{ckpt.path}' lacks tensors the model needs: {missing[:4]}")
 
@@ -692,7 +776,7 @@ def _place(
         current.copy_(value)
 
 
-def _progress(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar on stderr counting bytes, with "layers i/n" after it."""
     from tqdm import tqdm
 
@@ -709,348 +793,43 @@ def _progress(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any:
     return bar
 
 
-# ------------------------------------------------------------------------------------------ writing
-
-
-def parse_size(size: int | str) -> int:
-    """``"2GB"``, ``"500MB"``, ``"40KB"`` or a byte count as bytes."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        value = convert_file_size_to_int(size)
-    except ValueError:
-        raise ValueError(
-            f"max_shard_size={size!r} is not a size; use e.g. 2GB, 500MB or a byte count"
-        ) from None
-    if value <= 0:
-        raise ValueError(f"max_shard_size={size!r} must be positive")
-    return value
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most ``max_shard_size`` bytes, plus the index.
-
-    Tensors are held on the host only until their shard is full, so a writer holds about one shard.
-    Shards get transformers' names (``model-00001-of-00004.safetensors``; ``model.safetensors``
-    when there is one) once the count is known, at :meth:`finish`.
-    """
-
-    def __init__(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-        self.directory = Path(directory)
-        self.max_bytes = parse_size(max_shard_size)
-        self.buffer: dict[str, Tensor] = {}
-        self.buffer_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_size = 0
-
-    def add(self, name: str, tensor: Tensor) -> None:
-        if name in self.buffer or any(name in shard for shard in self.shards):
-            raise ValueError(f"tensor {name} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + size > self.max_bytes:
-            self.flush()
-        # A host copy: safetensors refuses views and shared storages, and the source may be on a GPU.
-        self.buffer[name] = tensor.detach().to("cpu", copy=True).contiguous()
-        self.buffer_bytes += size
-        self.total_size += size
-
-    def add_many(self, tensors: Mapping[str, Tensor]) -> None:
-        for name, tensor in tensors.items():
-            self.add(name, tensor)
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        self.shards.append(list(self.buffer))
-        save_file(
-            self.buffer, str(self.directory / self._temp_name(len(self.shards))), metadata={"format": "pt"}
-        )
-        self.buffer, self.buffer_bytes = {}, 0
-
-    @staticmethod
-    def _temp_name(i: int) -> str:
-        return f"shard-{i:05d}.partial.safetensors"
-
-    def finish(self) -> list[Path]:
-        """Writes what is left, names the shards and writes the index; returns the shard paths."""
-        self.flush()
-        n = len(self.shards)
-        names = (
-            [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        )
-        for i, name in enumerate(names, 1):
-            os.replace(self.directory / self._temp_name(i), self.directory / name)
-        if n > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": {key: names[i] for i, shard in enumerate(self.shards) for key in sorted(shard)},
-            }
-            (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return [self.directory / name for name in names]
-
-
-@contextlib.contextmanager
-def staged_output(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
-    """A fresh directory next to ``out`` that becomes ``out`` only when the block succeeds.
-
-    So an interrupted or failed write never leaves a half-written checkpoint behind.
-
-    Raises:
-        ValueError: ``out`` exists and is not an empty directory, or its parent cannot be written.
-    """
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{what}='{out}' already exists and is not empty; give a new directory or remove it")
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as err:
-        raise ValueError(
-            f"{what}='{out}' cannot be written ({err.strerror or err}); choose a directory you can write to"
-        ) from None
-    try:
-        yield staging
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def bnb_quantization_config(quant: QuantConfig, skip_modules: Sequence[str]) -> dict[str, Any]:
-    """config.json's ``quantization_config`` for weights quantized with ``quant``, as transformers writes it.
-
-    ``skip_modules`` are the linear layers kept in 16-bit, listed in full: with an explicit list
-    transformers converts exactly the other linear layers (its own default would guess the head).
-    The block size is not part of it: bitsandbytes keeps it in each weight's quant state.
-    """
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant.quant_type,
-        bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=quant.compute_dtype,
-        bnb_4bit_quant_storage=quant.quant_storage,
-        llm_int8_skip_modules=list(skip_modules),
-    ).to_dict()
-
-
-def write_config(
-    config: Any,
-    directory: Path,
-    quant: QuantConfig,
-    skip_modules: Sequence[str],
-    dtype: torch.dtype | None = None,
-) -> None:
-    """Writes ``config`` (a transformers config) with ``quantization_config`` (and ``dtype``, when given:
-    that of the 16-bit tensors)."""
-    config = copy.deepcopy(config)
-    config.quantization_config = bnb_quantization_config(quant, skip_modules)
-    if dtype is not None:
-        config.dtype = dtype
-    config.save_pretrained(directory)
-
-
-def save_4bit_checkpoint(
-    model: nn.Module,
-    out: str | os.PathLike,
-    max_shard_size: int | str = "5GB",
-    tokenizer: Any = None,
-) -> Path:
-    """Writes a converted model's base in transformers' bitsandbytes 4-bit format.
-
-    ``AutoModelForCausalLM.from_pretrained(out)`` then gives a bitsandbytes 4-bit model computing
-    what this one computes without adapters, and ``peft.PeftModel.from_pretrained`` puts an adapter
-    written by :func:`~lightning_qlora.adapters.save_adapter` onto it. Adapters are not written here.
-
-    Args:
-        model: an HF model (or a module wrapping one) converted by ``QLoRAPrecision`` with
-            quantization; weights not quantized yet are quantized where they lie.
-        out: a new (or empty) directory; written in full or not at all.
-        max_shard_size: largest safetensors shard.
-        tokenizer: saved alongside when given.
-
-    Returns:
-        The directory.
-
-    Raises:
-        ValueError: the model has no 4-bit layers, or its 4-bit layers differ in settings.
-    """
-    from .adapters import hf_root
-
-    root, _ = hf_root(model)
-    linears = [(canonical_name(n), m) for n, m in named_linears(root)]
-    quantized = [m for _, m in linears if isinstance(m, Linear4bit)]
-    if not quantized:
-        raise ValueError(
-            f"{type(root).__name__} has no 4-bit layers; convert it with QLoRAPrecision(quant=...) first"
-        )
-    settings = {(m.quant_type, m.blocksize, m.double_quant) for m in quantized}
-    if len(settings) > 1:
-        raise ValueError(
-            f"the model's 4-bit layers differ in settings {sorted(settings)}; one checkpoint holds one"
-        )
-    skip = [n for n, m in linears if not isinstance(m, Linear4bit)]
-    quant = quantized[0].quant_config(skip_modules=skip)
-    dense = [t for _, _, _, t in _named_state(root) if t.is_floating_point() and not _is_packed(t)]
-    dtype = dense[0].dtype if dense else quant.compute_dtype
-    with staged_output(out, "out") as staging:
-        writer = ShardWriter(staging, max_shard_size)
-        seen: set[int] = set()
-        for key, module, attr, tensor in _named_state(root):
-            if id(tensor) in seen:  # a tied weight is written once, under its first name
-                continue
-            seen.add(id(tensor))
-            if isinstance(module, Linear4bit) and attr == "weight":
-                writer.add_many({key + suffix: t for suffix, t in module.serialized_weight().items()})
-            else:
-                writer.add(key, tensor)
-        writer.finish()
-        write_config(root.config, staging, quant, skip, dtype)
-        if getattr(root, "generation_config", None) is not None:
-            root.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-    return Path(out)
-
-
-def _is_packed(tensor: Tensor) -> bool:
-    import bitsandbytes as bnb
-
-    return isinstance(tensor, bnb.nn.Params4bit)
-
-
-# ------------------------------------------------------------------------------- random checkpoints
-
-
-@torch.no_grad()
-def write_random_4bit_checkpoint(
-    hf_config: Any,
-    out_dir: str | os.PathLike,
-    device: torch.device | str = "cpu",
-    quant: QuantConfig | None = None,
-    seed: int = 0,
-    max_shard_size: int | str = "2GB",
-    progress: bool = True,
-) -> Path:
-    """Writes a random-initialised model as a 4-bit checkpoint without ever holding it in 16-bit.
-
-    The model exists on the meta device only; each of its modules in turn (an embedding, one
-    projection of one decoder layer, a norm, ...) is materialised on ``device``, initialised as
-    transformers initialises it (``_init_weights``), its weight quantized there when it is a linear
-    layer's, written, and freed again. Embeddings, norms and the head are written in
-    ``quant.compute_dtype``. A 70B-architecture checkpoint thus needs one weight matrix on the GPU
-    and one output shard on the host.
-
-    Args:
-        hf_config: a transformers config (``AutoConfig.for_model("llama", ...)``).
-        out_dir: a new (or empty) directory; written in full or not at all.
-        device: where layers are initialised and quantized (``cuda`` for large models).
-        quant: the quantization (default: :class:`QuantConfig`'s); ``skip_modules`` stay 16-bit.
-        seed: seeds the random weights.
-        max_shard_size: largest safetensors shard.
-        progress: show a progress bar (bytes written and layers).
-
-    Returns:
-        The directory.
-    """
-    from transformers import AutoModelForCausalLM
-
-    quant = quant or QuantConfig()
-    device = torch.device(device)
-    dtype = quant.compute_dtype
-    config = copy.deepcopy(hf_config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    names = {id(m): n for n, m in model.named_modules()}
-    linear_names = {id(m): n for n, m in named_linears(model)}
-    for name, layer in named_linears(model):
-        if not _matches(name, quant.skip_modules) and layer.in_features < quant.blocksize:
-            raise ValueError(
-                f"quant.blocksize={quant.blocksize} is larger than the input width ({layer.in_features}) of "
-                f"'{name}'; use blocksize <= {_largest_blocksize(layer.in_features)} or skip that layer"
-            )
-    skip = [n for n in linear_names.values() if _matches(n, quant.skip_modules)]
-    first_name: dict[int, str] = {}  # tied weights: written once, under their first name
-    for mname, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            first_name.setdefault(id(param), f"{mname}.{attr}".lstrip("."))
-
-    def quantized_here(module: nn.Module, attr: str) -> bool:
-        return attr == "weight" and id(module) in linear_names and linear_names[id(module)] not in skip
-
-    # The bar counts packed weights at 4 bits (their small constants aside) and 16-bit tensors at their size.
-    total = sum(
-        p.numel() // 2 if quantized_here(m, a) else p.numel() * p.element_size()
-        for m in model.modules()
-        for a, p in m.named_parameters(recurse=False)
-    )
-    torch.manual_seed(seed)
-    n_quantized = len(linear_names) - len(skip)
-    bar = _progress(total, n_quantized, "writing random 4-bit checkpoint", progress)
-    done = 0
-    with staged_output(out_dir, "out_dir") as staging:
-        writer = ShardWriter(staging, max_shard_size)
-        for module in model.modules():
-            own = [
-                (a, p)
-                for a, p in module.named_parameters(recurse=False)
-                if first_name[id(p)] == f"{names[id(module)]}.{a}".lstrip(".")
-            ]
-            persistent = [
-                (a, b)
-                for a, b in module.named_buffers(recurse=False)
-                if a not in module._non_persistent_buffers_set
-            ]
-            if not own and not persistent:
-                continue
-            module.to_empty(device=device, recurse=False)
-            for p in module.parameters(recurse=False):  # transformers' init skips tensors flagged as loaded
-                p.__dict__.pop("_is_hf_initialized", None)
-            model._init_weights(module)
-            prefix = names[id(module)]
-            prefix = prefix + "." if prefix else ""
-            for attr, _ in own:
-                value = getattr(module, attr)
-                key = prefix + attr
-                if quantized_here(module, attr):
-                    packed = serialize_params4bit(quantize_tensor(value, quant, device))
-                    writer.add_many({key + s: t for s, t in packed.items()})
-                    done += 1
-                    bar.set_postfix_str(f"layers {done}/{n_quantized}", refresh=False)
-                    bar.update(value.numel() // 2)
-                else:
-                    writer.add(key, value.to(dtype) if value.is_floating_point() else value)
-                    bar.update(value.numel() * value.element_size())
-            for attr, _ in persistent:
-                writer.add(prefix + attr, getattr(module, attr))
-            module.to_empty(device="meta", recurse=False)  # freed: one module at a time
-        writer.finish()
-        write_config(config, staging, replace(quant, skip_modules=skip), skip, dtype)
-    bar.close()
-    return Path(out_dir)
-
-
-__all__ = [
-    "Checkpoint4bit",
+# The writers moved to checkpoint4bit_write; these names stay importable from here, where
+# ``lightning_qlora``'s lazy API and older code look for them.
+_MOVED = (
     "ShardWriter",
     "bnb_quantization_config",
-    "check_quant",
-    "checkpoint_quant",
-    "is_4bit_checkpoint",
-    "load_4bit_checkpoint",
-    "load_pretrained",
-    "preflight_checkpoint",
-    "quantization_method",
-    "read_4bit_checkpoint",
     "save_4bit_checkpoint",
     "staged_output",
     "write_random_4bit_checkpoint",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from . import checkpoint4bit_write
+
+        return getattr(checkpoint4bit_write, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BNB_4BIT",
+    "Checkpoint4bit",
+    "build_empty",
+    "canonical_name",
+    "check_quant",
+    "checkpoint_quant",
+    "is_4bit_checkpoint",
+    "linear_names",
+    "load_4bit_checkpoint",
+    "load_pretrained",
+    "load_weights",
+    "locate_checkpoint",
+    "preflight_checkpoint",
+    "quantization_method",
+    "read_4bit_checkpoint",
+    "read_config",
+    "read_safetensors_header",
+    "weight_files",
+    *_MOVED,
 ]

@@ -2,7 +2,8 @@
 
 :func:`generate` works on any HF causal LM, including one converted by ``QLoRAPrecision`` (the
 4-bit forward runs on CPU too) or wrapped in a LightningModule; the console script
-``lightning-qlora-generate`` builds the model with :func:`lightning_qlora.export.load_model`.
+``lightning-qlora-generate`` builds the model with :func:`lightning_qlora.export.load_model`, from a
+16-bit base (quantized as training quantized it) or a bitsandbytes 4-bit checkpoint (loaded as it is).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import torch
 from torch import nn
 
 from .adapters import hf_root
+from .checkpoint4bit import locate_checkpoint
 from .data import load_tokenizer
 from .export import load_model
+from .messages import EXIT_USAGE, one_line
+
+PROG = "lightning-qlora-generate"
 
 
 @torch.no_grad()
@@ -133,18 +138,22 @@ def read_prompts(path: str | Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lightning-qlora-generate``: completions from a base model (+ adapter) for prompts."""
     parser = argparse.ArgumentParser(
-        prog="lightning-qlora-generate",
+        prog=PROG,
         description="Generate completions from a base model, a base + LoRA adapter, or a merged model.",
     )
     parser.add_argument(
-        "--model", required=True, help="base or merged model: save_pretrained directory or hub id"
+        "--model",
+        required=True,
+        help="base or merged model: save_pretrained directory or hub id; a bitsandbytes 4-bit checkpoint "
+        "(lightning-qlora-quantize's output, a ...-bnb-4bit repo) loads as it is, never re-quantized",
     )
     parser.add_argument("--adapter", default=None, help="LoRA adapter directory (lightning-qlora or PEFT)")
     parser.add_argument(
         "--quant",
         default="auto",
         choices=["auto", "nf4", "fp4", "none"],
-        help="quantize the base (auto: the adapter's saved settings, nf4 for a PEFT adapter, none without adapter)",
+        help="quantize the base (auto: the adapter's saved settings, nf4 for a PEFT adapter, none without adapter; "
+        "a 4-bit base's own settings, checked against the adapter's; naming its type applies the adapter anyway)",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
@@ -165,15 +174,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output", default=None, help="also write {prompt, completion} rows to this .jsonl file"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while a 4-bit base loads")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts_file)
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompts")
+        # A missing model is named as such, before its tokenizer is looked for there.
+        locate_checkpoint(args.model, where="--model")
         tokenizer = load_tokenizer(args.tokenizer or args.model)  # an EOS pad when it has no pad token
         model = load_model(
-            args.model, args.adapter, quant=args.quant, compute_dtype=args.dtype, device=device
+            args.model,
+            args.adapter,
+            quant=args.quant,
+            compute_dtype=args.dtype,
+            device=device,
+            progress=not args.no_progress,
+            where="--model",
         )
         completions = generate(
             model,
@@ -189,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             chat=args.chat,
         )
     except (ValueError, OSError) as err:
-        print(f"lightning-qlora-generate: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     for prompt, completion in zip(prompts, completions, strict=True):
         print(completion if len(prompts) == 1 else f"### {prompt}\n{completion}\n")
     if args.output:

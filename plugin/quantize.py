@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,16 +23,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint4bit import (
-    _WEIGHT_SUFFIXES,
-    ShardWriter,
-    _progress,
+    progress_bar,
     quantization_method,
     read_config,
     read_safetensors_header,
-    staged_output,
     weight_files,
-    write_config,
 )
+from .checkpoint4bit_write import ShardWriter, copy_side_files, staged_output, write_config
 from .messages import EXIT_USAGE, one_line
 from .nf4 import (
     BLOCKSIZES,
@@ -124,7 +120,7 @@ def quantize_checkpoint(
     bytes_in = sum(t.nbytes for t in headers.values())
     done = 0
     with staged_output(out) as staging:
-        bar = _progress(bytes_in, len(targets), "quantizing", progress)
+        bar = progress_bar(bytes_in, len(targets), "quantizing", progress)
         # One output shard per input shard: the host holds at most one of each.
         writer = ShardWriter(staging, max_shard_size=2**62)
         for file in files:
@@ -145,9 +141,7 @@ def quantize_checkpoint(
         bytes_out = writer.total_size
         # The 16-bit tensors keep their dtype, so config.json's dtype stays as it was.
         write_config(hf_config, staging, replace(quant, skip_modules=skipped), skipped)
-        for extra in sorted(src.iterdir()):
-            if extra.is_file() and extra.name != "config.json" and not extra.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(extra, staging / extra.name)  # tokenizer, generation config, license, ...
+        copy_side_files(src, staging)  # tokenizer, generation config, license, ...
     bar.close()
     return {
         "layers": done,
