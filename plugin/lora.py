@@ -18,6 +18,10 @@ from torch import Tensor, nn
 
 from .nf4 import Linear4bit, named_linears, parent_module, weight_value
 
+# The class itself, taken at import: inside the plugin's init context ``nn.Linear`` names DeferredLinear,
+# which stages its weight on the host; adapters belong on their base layer's device.
+_Linear = nn.Linear
+
 
 @dataclass
 class LoRAConfig:
@@ -98,8 +102,8 @@ class LoRALinear(nn.Module):
         r = self.config.r
         device = _device_of(base_layer)
         # Adapters start on the base's device; a meta base gets meta adapters, materialised later.
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_A = _Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = _Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         dropout = self.config.dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

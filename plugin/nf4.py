@@ -347,6 +347,25 @@ class Linear4bit(nn.Module):
         self._refresh_packed()
         return out
 
+    def view_storage(self, dtype: torch.dtype) -> None:
+        """Holds the packed bytes as ``dtype``: the same bytes viewed, dequantized alike (bitsandbytes'
+        ``quant_storage``). FSDP2 in torch < 2.13 can shard floating-point parameters only."""
+        weight = self.weight
+        if not self.quantized or weight.dtype == dtype:
+            return
+        data = weight.data.reshape(-1).view(dtype).unsqueeze(1)
+        self.weight = bnb.nn.Params4bit(
+            data,
+            requires_grad=False,
+            quant_state=self.quant_state,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=dtype,
+            bnb_quantized=True,
+        )
+        self._refresh_packed()
+
     def load_prequantized(self, tensors: Mapping[str, Tensor], device: torch.device | str) -> None:
         """Takes an already-quantized weight as bitsandbytes serializes it, without re-quantizing.
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.fabric.strategies.model_parallel import _has_dtensor_modules, _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
@@ -151,6 +152,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     layers = decoder_layers(model) if config.wrap == "decoder_layer" else []
     for layer in layers:
         layer.to(device)
+        _float_storage(layer)
         fully_shard(layer, **kwargs)
     # The root unit: embeddings, final norm and head. Sharding the LightningModule itself would change
     # its class; its children with parameters are sharded instead.
@@ -160,8 +162,31 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
             for module in child.modules():  # not .to() on the whole: offloaded layer shards stay on the host
                 if id(module) not in inside_layers:
                     module._apply(lambda t: t.to(device), recurse=False)
+            _float_storage(child)
             fully_shard(child, **kwargs)
     return len(layers)
+
+
+def _float_storage(module: nn.Module) -> None:
+    """Views uint8 packed 4-bit weights as their compute dtype (the same bytes; bitsandbytes' ``quant_storage``).
+
+    torch 2.11's FSDP2 wraps each shard in a parameter that requires grad before freezing it, which an
+    integer tensor refuses; a floating view shards on every torch, and one dtype per unit keeps each
+    all-gather a single copy.
+    """
+    from .nf4 import Linear4bit
+
+    viewed = 0
+    for layer in module.modules():
+        if isinstance(layer, Linear4bit) and layer.quantized and not layer.weight.is_floating_point():
+            layer.view_storage(layer.compute_dtype)
+            viewed += 1
+    if viewed and not getattr(_float_storage, "said", False):
+        _float_storage.said = True
+        rank_zero_info(
+            "lightning-qlora: FSDP2 shards the 4-bit weights held as their compute dtype (quant.quant_storage: "
+            "the same bytes, viewed), not uint8"
+        )
 
 
 def _is_lightning_module(module: nn.Module) -> bool:

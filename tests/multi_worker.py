@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         "local_frozen_bytes": sum(_local_bytes(p) for p in module.parameters() if not p.requires_grad),
         "local_trainable_bytes": sum(_local_bytes(p) for p in module.parameters() if p.requires_grad),
         "cuda_start_bytes": recorder.cuda_start_bytes,
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated(module.device) if cuda else 0,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0,  # this rank's device
         "initial_digest": recorder.initial_digest,
         "digest": digest(adapters),
     }
@@ -308,11 +308,14 @@ _LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"
                 "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")  # fmt: skip
 
 
+# A launcher's rank variables only: an image's own MPI settings (OMPI_MCA_*, e.g. what lets mpi4py, which
+# Lightning's MPIEnvironment imports to detect MPI, initialise as a singleton) stay.
+_LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "PMI_", "OMPI_"))
+        k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(_LAUNCHER_PREFIXES)
     }
     # One thread per process: the 2-process and 2-node runs then do the same arithmetic in the same
     # order (Lightning would give 1 thread to each of 2 local processes, and all cores to 1).
