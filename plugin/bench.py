@@ -388,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=3600.0,
         help="seconds one (model, mode) job may take; then it and its ranks are killed and its row says so",
     )
+    parser.add_argument(
+        "--skip-one-device",
+        action="store_true",
+        help="with --devices N: measure the N-device rows only (no scaling efficiency: its base is missing)",
+    )
     parser.add_argument("--report", default=None, help="append the table to this markdown file")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -441,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if budget and mode.startswith("peft"):
                 results += _best_reference_under(args, name, mode, directory, budget)
-            else:
+            elif not args.skip_one_device:
                 results.append(_run_job(args, name, mode, directory, budget=budget))
             for n in counts[1:]:
                 for strategy in strategies:

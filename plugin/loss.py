@@ -8,11 +8,13 @@ gradient with respect to the hidden states; it is computed chunk by chunk in the
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # labels that take no loss (prompt, padding); PyTorch's and transformers' value
 
@@ -127,6 +129,8 @@ def causal_lm_loss(
     """
     n = int((labels[:, 1:] != IGNORE_INDEX).sum())
     backbone, head = split_head(model)
+    if _sharded_frozen_head(head, model):
+        return _sharded_head_loss(model, backbone, head, input_ids, attention_mask, labels, chunk_size, n)
     if not _frozen_plain_head(head, backbone):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         loss = F.cross_entropy(
@@ -144,3 +148,62 @@ def causal_lm_loss(
         logits = head(hidden[:, :-1]).float()
         loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
     return loss, n
+
+
+def _sharded_frozen_head(head: nn.Module | None, model: nn.Module) -> bool:
+    """A frozen bias-free linear head that FSDP2 shards as a unit of its own (``FSDP2Strategy`` does), in a
+    model whose forward can skip the head (``logits_to_keep``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return (
+        isinstance(head, FSDPModule)
+        and isinstance(head, nn.Linear)
+        and head.bias is None
+        and not any(p.requires_grad for p in head.parameters())
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+    )
+
+
+def _sharded_head_loss(
+    model: nn.Module,
+    backbone: nn.Module,
+    head: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    labels: Tensor,
+    chunk_size: int,
+    n: int,
+) -> tuple[Tensor, int]:
+    """The chunked loss under FSDP2: the model's own forward (FSDP's root hooks run; the head computes one
+    position), the backbone's output taken by a hook, then the head called chunk by chunk under activation
+    checkpointing, so FSDP gathers its weight around each call and no chunk's logits outlive it."""
+    captured: list[Tensor] = []
+    handle = backbone.register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        last = model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1
+        ).logits
+    finally:
+        handle.remove()
+    hidden = captured[-1]
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    chunk = chunk_size if chunk_size > 0 else hidden.shape[0]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(
+            _chunk_nll,
+            head,
+            hidden[start : start + chunk],
+            targets[start : start + chunk],
+            use_reentrant=False,
+        )
+    # The one-position logits join the graph (at zero weight): FSDP2 expects a backward through every
+    # output of a unit it gathered, and frees its gathered weight only then.
+    return total / n + last.float().sum() * 0.0, n
+
+
+def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -138,7 +138,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     share, so a GPU never holds more than its shards plus one layer.
 
     Returns:
-        How many decoder layers were sharded as units of their own.
+        How many units were sharded before the root: decoder layers, and the embedding and head.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -156,6 +156,19 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
         fully_shard(layer, **kwargs)
     # The root unit: embeddings, final norm and head. Sharding the LightningModule itself would change
     # its class; its children with parameters are sharded instead.
+    # The input embedding and the output head as units of their own (unless tied: one weight, one unit):
+    # FSDP2 keeps the root unit gathered from forward to backward, and these two are the large part of it
+    # (1 GB for a 32k vocabulary at width 8192); as units they are gathered only around their own use.
+    for hf_model in model.children() if _is_lightning_module(model) else [model]:
+        ends = [
+            getattr(hf_model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")
+        ]
+        ends = [m for m in ends if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+        if len(ends) == 2 and ends[0].weight is not ends[1].weight:
+            for end in ends:
+                end.to(device)
+                fully_shard(end, **kwargs)
+                layers.append(end)
     inside_layers = {id(m) for layer in layers for m in layer.modules()}
     for child in model.children() if _is_lightning_module(model) else [model]:
         if any(True for _ in child.parameters()):

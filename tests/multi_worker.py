@@ -145,6 +145,7 @@ class Recorder(L.Callback):
         self.rows: list[list[int]] = []
         self.initial_digest = ""
         self.cuda_start_bytes = 0
+        self.device = ""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning's DDPStrategy registers ddp_comm_hook on CUDA only (DDPStrategy._register_ddp_hooks);
@@ -156,6 +157,7 @@ class Recorder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial_digest = digest(adapter_tensors(pl_module))
+        self.device = str(pl_module.device)  # where it trained (DDP's teardown moves the module to the host)
         if pl_module.device.type == "cuda":  # what the GPU holds before the first step: weights and adapters
             self.cuda_start_bytes = torch.cuda.memory_allocated(pl_module.device)
             torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         "local_rank": trainer.local_rank,
         "world_size": trainer.world_size,
         "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
-        "device": str(module.device),
+        "device": recorder.device,
         "compiled": bool(getattr(module.model, "_blocks_compiled", False)),
         "losses": recorder.losses,
         "grad_norms": recorder.grad_norms,

@@ -121,8 +121,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("callbacks.on_nonfinite=ignore", "callbacks.on_nonfinite='ignore' is not a policy"),
         ("logger.init_timeout=0", "logger.init_timeout=0.0 must be a positive number"),
         ("model.name_or_path=/nonexistent", "model.name_or_path='/nonexistent' does not exist"),
-        ("trainer.strategy=fsdp", "Lightning's FSDPStrategy (FSDP1) accepts only its own precision plugin; use trainer=fsdp"),
-        ("trainer.fsdp.cpu_offload=true", "applies to trainer.strategy=fsdp2 only, but trainer.strategy=auto"),
+        (
+            "trainer.strategy=fsdp",
+            "Lightning's FSDPStrategy (FSDP1) accepts only its own precision plugin; use trainer=fsdp",
+        ),
+        (
+            "trainer.fsdp.cpu_offload=true",
+            "applies to trainer.strategy=fsdp2 only, but trainer.strategy=auto",
+        ),
         ("trainer.fsdp.wrap=layers", "trainer.fsdp.wrap='layers' is not supported"),
     ],
 )

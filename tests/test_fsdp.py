@@ -151,3 +151,49 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
     run_dir = next(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
     weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert weights and all(t.dim() == 2 and min(t.shape) == 16 for t in weights.values())  # whole, r=16
+
+
+def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(tmp_path):
+    """One process (gloo): ``shard_model`` makes the head a unit of its own, so ``causal_lm_loss`` takes the
+    chunked path (FSDP gathers the head around each chunk, no full-vocabulary logits), and it computes the
+    unsharded model's loss and adapter gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+    from lightning_qlora.loss import _sharded_frozen_head, causal_lm_loss, split_head
+    from lightning_qlora.sharding import FSDPConfig, full_tensor, shard_model
+
+    save_tiny_llama(tmp_path / "m", tie_word_embeddings=False)
+    import transformers
+
+    def build():
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+        plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4))
+        torch.manual_seed(1)  # the same adapters (A's init draws from it) in both builds
+        model = plugin.convert_module(model)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        return model
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = build()
+    ref_loss, n = causal_lm_loss(reference, ids, None, ids, chunk_size=16)
+    ref_loss.backward()
+    ref_grads = {k: p.grad for k, p in reference.named_parameters() if p.grad is not None}
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build()
+        shard_model(model, init_device_mesh("cpu", (1,)), torch.device("cpu"), FSDPConfig())
+        _, head = split_head(model)
+        assert _sharded_frozen_head(head, model)
+        loss, m = causal_lm_loss(model, ids, None, ids, chunk_size=16)
+        loss.backward()
+        grads = {k: full_tensor(p.grad) for k, p in model.named_parameters() if p.grad is not None}
+    finally:
+        dist.destroy_process_group()
+    assert m == n and abs(loss.item() - ref_loss.item()) < 1e-5
+    assert grads.keys() == ref_grads.keys()
+    assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) < 1e-5
