@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .callbacks import host_peak_rss
 
 MODELS: dict[str, dict[str, Any]] = {
     "7b": dict(
@@ -155,25 +156,6 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes.
-
-    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec``, so a job started by a parent
-    that held a 16-bit checkpoint in memory would report the parent's peak as its own.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # KiB on Linux, bytes on macOS
-
-
 def job_start() -> float:
     """When this job started (``time.time()``): the parent's launch time, else this process's own start."""
     if os.environ.get(T0_ENV):
@@ -228,7 +210,7 @@ def make_result(
         loss_last=losses[-1],
         batch=batch,
         peak_reserved_gib=gib(peak_reserved(device)),
-        host_rss_gib=gib(peak_rss()),
+        host_rss_gib=gib(host_peak_rss()),
         first_step_s=first_step_s,
     )
 

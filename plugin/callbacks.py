@@ -32,8 +32,20 @@ def _host_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
 
 
-def _host_peak_rss() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def host_peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec`` and counts the parent's memory
+    at the fork, so a process started by a large one would report the parent's peak as its own.
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -159,7 +171,7 @@ class MemoryMonitor(Callback):
 
     def memory_metrics(self, cuda: torch.device | None = None) -> dict[str, float]:
         """Current memory in GiB; GPU keys only where CUDA is in use."""
-        rss, peak_rss = _host_rss(), _host_peak_rss()
+        rss, peak_rss = _host_rss(), host_peak_rss()
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss, peak_rss)
         metrics = {"mem/host_rss_gib": rss / GIB, "mem/host_peak_rss_gib": self.peak_rss_bytes / GIB}
         if cuda is not None:
@@ -295,7 +307,7 @@ class RunSummary(Callback):
             if cuda is not None:
                 summary["peak_gpu_mem_gib"] = monitor.peak_gpu_bytes / GIB
         else:
-            summary["peak_host_rss_gib"] = _host_peak_rss() / GIB
+            summary["peak_host_rss_gib"] = host_peak_rss() / GIB
             if pl_module.device.type == "cuda":
                 summary["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / GIB
         if self.run_info:

@@ -40,8 +40,8 @@ from .nf4 import (
     SERIALIZED_PARTS,
     Linear4bit,
     QuantConfig,
-    _matches,
     deferred_linear_init,
+    name_matches,
     named_linears,
 )
 
@@ -317,7 +317,7 @@ def _short_skip_list(keep: Sequence[str], linears: Sequence[str]) -> list[str]:
     keep_set, out = set(keep), []
     for name in keep:
         leaf = name.rsplit(".", 1)[-1]
-        if {n for n in linears if _matches(n, [leaf])} <= keep_set:
+        if {n for n in linears if name_matches(n, [leaf])} <= keep_set:
             name = leaf
         if name not in out:
             out.append(name)
@@ -367,7 +367,7 @@ def check_quant(
             f"{src} whose 4-bit weights {unknown[:3]} are not linear layers of the model its config.json builds; "
             "the checkpoint does not match its own config"
         )
-    wanted = {n for n in linears if not _matches(n, quant.skip_modules)}
+    wanted = {n for n in linears if not name_matches(n, quant.skip_modules)}
     kept = [n for n in linears if n not in quantized]
     if wanted != quantized:
         would_quantize = sorted(wanted - quantized)

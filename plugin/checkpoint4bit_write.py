@@ -34,8 +34,8 @@ from .checkpoint4bit import (
 from .nf4 import (
     Linear4bit,
     QuantConfig,
-    _largest_blocksize,
-    _matches,
+    largest_blocksize,
+    name_matches,
     named_linears,
     quantize_tensor,
     serialize_params4bit,
@@ -320,12 +320,12 @@ def write_random_4bit_checkpoint(
     names = {id(m): n for n, m in model.named_modules()}
     linear_names = {id(m): n for n, m in named_linears(model)}
     for name, layer in named_linears(model):
-        if not _matches(name, quant.skip_modules) and layer.in_features < quant.blocksize:
+        if not name_matches(name, quant.skip_modules) and layer.in_features < quant.blocksize:
             raise ValueError(
                 f"quant.blocksize={quant.blocksize} is larger than the input width ({layer.in_features}) of "
-                f"'{name}'; use blocksize <= {_largest_blocksize(layer.in_features)} or skip that layer"
+                f"'{name}'; use blocksize <= {largest_blocksize(layer.in_features)} or skip that layer"
             )
-    skip = [n for n in linear_names.values() if _matches(n, quant.skip_modules)]
+    skip = [n for n in linear_names.values() if name_matches(n, quant.skip_modules)]
     first_name: dict[int, str] = {}  # tied weights: written once, under their first name
     for mname, module in model.named_modules():
         for attr, param in module.named_parameters(recurse=False):

@@ -42,7 +42,7 @@ from .checkpoint4bit import (
 )
 from .lora import LoRAConfig
 from .messages import EXIT_USAGE, one_line
-from .nf4 import QuantConfig, _matches, as_dtype, dtype_name, quantize_linears
+from .nf4 import QuantConfig, as_dtype, dtype_name, name_matches, quantize_linears
 
 PROG = "lightning-qlora-export"
 
@@ -156,8 +156,8 @@ def _differences(file: QuantConfig, other: QuantConfig, linears: Sequence[str]) 
         for key in ("quant_type", "blocksize", "double_quant")
         if getattr(other, key) != getattr(file, key)
     ]
-    mine = {n for n in linears if not _matches(n, other.skip_modules)}
-    theirs = {n for n in linears if not _matches(n, file.skip_modules)}
+    mine = {n for n in linears if not name_matches(n, other.skip_modules)}
+    theirs = {n for n in linears if not name_matches(n, file.skip_modules)}
     if mine != theirs:
         diffs.append(f"4-bit layers {sorted(mine ^ theirs)[:3]} differ")
     return diffs

@@ -508,7 +508,7 @@ def params4bit_from_serialized(
         )
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -533,7 +533,7 @@ def quantize_linears(
     wanted = None if targets is None else set(targets)
     chosen = []
     for name, child in named_linears(module):
-        if isinstance(child, Linear4bit) or _matches(name, config.skip_modules):
+        if isinstance(child, Linear4bit) or name_matches(name, config.skip_modules):
             continue
         if wanted is not None and name not in wanted:
             continue
@@ -541,7 +541,7 @@ def quantize_linears(
             raise ValueError(
                 f"quant.blocksize={config.blocksize} is larger than the input width ({child.in_features}) of "
                 f"layer '{name}'; bitsandbytes would quantize it wrongly. Use quant.blocksize <= "
-                f"{_largest_blocksize(child.in_features)} or add '{name}' to quant.skip_modules"
+                f"{largest_blocksize(child.in_features)} or add '{name}' to quant.skip_modules"
             )
         chosen.append(name)
     for name in chosen:
@@ -550,7 +550,7 @@ def quantize_linears(
     return chosen
 
 
-def _largest_blocksize(width: int) -> int:
+def largest_blocksize(width: int) -> int:
     fitting = [b for b in BLOCKSIZES if b <= width]
     return fitting[-1] if fitting else BLOCKSIZES[0]
 

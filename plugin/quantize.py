@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .callbacks import host_peak_rss
 from .checkpoint4bit import (
     progress_bar,
     quantization_method,
@@ -35,8 +35,8 @@ from .nf4 import (
     BLOCKSIZES,
     QUANT_TYPES,
     QuantConfig,
-    _largest_blocksize,
-    _matches,
+    largest_blocksize,
+    name_matches,
     named_linears,
     quantize_tensor,
     serialize_params4bit,
@@ -95,13 +95,13 @@ def quantize_checkpoint(
     targets: dict[str, tuple[int, int]] = {}
     skipped: list[str] = []
     for name, layer in named_linears(skeleton):
-        if _matches(name, quant.skip_modules):
+        if name_matches(name, quant.skip_modules):
             skipped.append(name)
             continue
         if layer.in_features < quant.blocksize:
             raise ValueError(
                 f"--blocksize={quant.blocksize} is larger than the input width ({layer.in_features}) of '{name}'; "
-                f"use --blocksize {_largest_blocksize(layer.in_features)} or add '{name}' to --skip-modules"
+                f"use --blocksize {largest_blocksize(layer.in_features)} or add '{name}' to --skip-modules"
             )
         targets[name + ".weight"] = (layer.out_features, layer.in_features)
     del skeleton
@@ -147,24 +147,8 @@ def quantize_checkpoint(
         "layers": done,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
-        "peak_rss": peak_rss(),
+        "peak_rss": host_peak_rss(),
     }
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes.
-
-    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` also counts the parent's memory at the
-    fork that started this process, so it overstates a CLI started from a large Python process.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _gb(n: float) -> str:

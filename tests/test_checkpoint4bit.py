@@ -574,11 +574,12 @@ def _write_16bit(path: Path, layers: int, shard_bytes: int) -> int:
 _PEAK = """
 import json, sys
 import bitsandbytes.functional as F, torch, transformers.models.llama.modeling_llama
-from lightning_qlora.quantize import main, peak_rss
+from lightning_qlora.callbacks import host_peak_rss
+from lightning_qlora.quantize import main
 F.quantize_4bit(torch.randn(256, 256, dtype=torch.bfloat16), quant_type="nf4")  # first-call setup, not data
-base = peak_rss()
+base = host_peak_rss()
 rc = main(sys.argv[1:] + ["--no-progress", "--device", "cpu"])
-print(json.dumps({"rc": rc, "base": base, "growth": peak_rss() - base}))
+print(json.dumps({"rc": rc, "base": base, "growth": host_peak_rss() - base}))
 """
 
 
