@@ -265,6 +265,9 @@ def trainer_args(cfg: DictConfig) -> dict[str, Any]:
     fsdp = args.pop("fsdp")
     if args["strategy"] == FSDP2Strategy.strategy_name:
         args["strategy"] = FSDP2Strategy(FSDPConfig(**fsdp))
+        # Validation under torch.inference_mode makes FSDP2's gathered weights inference tensors, which
+        # torch 2.11 refuses to track afterwards; Lightning itself uses no_grad for its own FSDP strategy.
+        args["inference_mode"] = False
     return args
 
 

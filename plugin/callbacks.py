@@ -212,20 +212,20 @@ class GradNormMonitor(Callback):
 
 def parameter_counts(module: torch.nn.Module) -> dict[str, int]:
     """Parameters by kind: ``total`` (4-bit weights counted as the weights they encode), ``trainable``, ``4bit``."""
-    import bitsandbytes as bnb
+    from .nf4 import Linear4bit
 
+    # By layer, not by parameter type: under FSDP2 a 4-bit weight is a sharded tensor, not a Params4bit.
+    packed = {
+        id(m.weight): m.out_features * m.in_features for m in module.modules() if isinstance(m, Linear4bit)
+    }
     total = trainable = four_bit = 0
     seen: set[int] = set()
     for param in module.parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if isinstance(param, bnb.nn.Params4bit):
-            state = getattr(param, "quant_state", None)
-            n = int(torch.Size(state.shape).numel()) if state is not None else param.numel()
-            four_bit += n
-        else:
-            n = param.numel()
+        n = packed.get(id(param), param.numel())
+        four_bit += n if id(param) in packed else 0
         total += n
         trainable += n if param.requires_grad else 0
     return {"total": total, "trainable": trainable, "4bit": four_bit}

@@ -340,11 +340,6 @@ def _gathered_layers(trainer: Any, layers: int, strategy: str, notes: list[str])
     fsdp = getattr(trainer, "fsdp", None)
     if strategy != "fsdp" or fsdp is None:
         return FSDP_GATHERED_LAYERS
-    if getattr(fsdp, "cpu_offload", False):
-        notes.append(
-            "trainer.fsdp.cpu_offload=true keeps the shards and optimizer state in host memory: the GPU holds "
-            "less than the sharded rows say"
-        )
     whole = not getattr(fsdp, "reshard_after_forward", True) or getattr(fsdp, "wrap", "") == "model"
     return layers if whole else FSDP_GATHERED_LAYERS
 

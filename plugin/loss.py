@@ -151,8 +151,9 @@ def causal_lm_loss(
 
 
 def _sharded_frozen_head(head: nn.Module | None, model: nn.Module) -> bool:
-    """A frozen bias-free linear head that FSDP2 shards as a unit of its own (``FSDP2Strategy`` does), in a
-    model whose forward can skip the head (``logits_to_keep``)."""
+    """A frozen bias-free linear head that FSDP2 shards as a unit of its own (``FSDP2Strategy`` does, unless
+    it is tied to the embedding: a tied head takes the full-logits path), in a model whose forward can skip
+    the head (``logits_to_keep``)."""
     from torch.distributed.fsdp import FSDPModule
 
     return (
@@ -175,8 +176,9 @@ def _sharded_head_loss(
     n: int,
 ) -> tuple[Tensor, int]:
     """The chunked loss under FSDP2: the model's own forward (FSDP's root hooks run; the head computes one
-    position), the backbone's output taken by a hook, then the head called chunk by chunk under activation
-    checkpointing, so FSDP gathers its weight around each call and no chunk's logits outlive it."""
+    position), the backbone's output taken by a hook, then an untied head (a unit of its own) called chunk by
+    chunk under activation checkpointing, so FSDP gathers its weight around each call and no chunk's logits
+    outlive it."""
     captured: list[Tensor] = []
     handle = backbone.register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
@@ -185,14 +187,21 @@ def _sharded_head_loss(
         ).logits
     finally:
         handle.remove()
-    hidden = captured[-1]
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    # The one-position logits join the graph at zero weight (FSDP2 expects a backward through every output
+    # of a unit it gathered); masked so an infinite logit cannot turn the zero into NaN.
+    zero = torch.where(torch.isfinite(last), last, 0.0).float().sum() * 0.0
+    hidden = captured[-1][:, :-1].reshape(-1, captured[-1].shape[-1])
     targets = labels[:, 1:].reshape(-1)
-    chunk = chunk_size if chunk_size > 0 else hidden.shape[0]
+    chunk = chunk_size if chunk_size > 0 else max(hidden.shape[0], 1)
+    # Every call of the head all-gathers its weight (and again in the backward's recompute): all ranks must
+    # call it equally often, though their batches may be padded to other lengths or hold no target at all.
+    chunks = -(-hidden.shape[0] // chunk)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor(chunks, device=hidden.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        chunks = int(count)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
+    for start in range(0, chunks * chunk, chunk):  # past the end: empty chunks, gathered all the same
         total = total + checkpoint(
             _chunk_nll,
             head,
@@ -200,9 +209,7 @@ def _sharded_head_loss(
             targets[start : start + chunk],
             use_reentrant=False,
         )
-    # The one-position logits join the graph (at zero weight): FSDP2 expects a backward through every
-    # output of a unit it gathered, and frees its gathered weight only then.
-    return total / n + last.float().sum() * 0.0, n
+    return total / max(n, 1) + zero, n
 
 
 def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

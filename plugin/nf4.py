@@ -62,8 +62,8 @@ class QuantConfig:
         compute_dtype: dtype the weights are dequantized to and matrix products run in; also the
             dtype of every parameter that is not quantized and not an adapter. A name
             (``"bfloat16"``) or a ``torch.dtype``; held as a ``torch.dtype`` once built.
-        quant_storage: dtype that holds the packed 4-bit data. ``uint8`` by default; the compute
-            dtype lets FSDP shard 4-bit weights together with 16-bit ones.
+        quant_storage: dtype that holds the packed 4-bit data (the same bytes, viewed). ``uint8`` by
+            default; :class:`~lightning_qlora.FSDP2Strategy` views it as the compute dtype before sharding.
         skip_modules: names (or name suffixes) of linear layers kept in 16-bit; the output head by
             default, whose error would hit every logit.
     """
@@ -261,7 +261,7 @@ class Linear4bit(nn.Module):
             double_quant=self.double_quant,
             blocksize=self.blocksize,
             compute_dtype=self.compute_dtype,
-            quant_storage=self.weight.quant_storage,
+            quant_storage=getattr(self.weight, "quant_storage", self.weight.dtype),  # FSDP2: a plain shard
             skip_modules=list(skip_modules),
         )
 
@@ -425,6 +425,7 @@ class Linear4bit(nn.Module):
                 if device.type == "meta":  # built empty: quantize where the model is meant to live
                     device = getattr(self, "target_device", device)
                 self.weight = _params4bit(incoming, self.quant_config())
+                self._refresh_packed()  # a new, unquantized weight: the old quantization state is gone
                 if device.type != "meta":
                     self.quantize_(device)
             if self.bias is not None and prefix + "bias" in state_dict:

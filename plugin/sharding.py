@@ -1,8 +1,8 @@
 """FSDP for QLoRA: Lightning's ``ModelParallelStrategy`` (FSDP2, ``fully_shard``) sharding each decoder layer.
 
 Why FSDP2 rather than Lightning's ``FSDPStrategy`` (FSDP1): FSDP2 shards every parameter on its own
-(a DTensor per parameter), so a layer's packed 4-bit bytes (uint8), its 16-bit norms and its float32
-adapters shard side by side, frozen next to trainable, with no flat parameter that needs one dtype and
+(a DTensor per parameter), so a layer's packed 4-bit bytes (viewed as the compute dtype first: torch 2.11's
+FSDP2 shards floating tensors only), its 16-bit norms and its float32 adapters shard side by side, frozen next to trainable, with no flat parameter that needs one dtype and
 one ``requires_grad``. Under FSDP1 the 4-bit bytes must be stored in the compute dtype
 (``quant_storage``) and the adapters wrapped in units of their own. FSDP2 also composes with
 ``torch.compile`` per block, and Lightning's ``FSDPStrategy`` accepts no precision plugin but its own.
@@ -46,8 +46,9 @@ class FSDPConfig:
         reshard_after_forward: ``True`` frees each layer's gathered weights after its forward and
             gathers them again for the backward (FSDP1's ``FULL_SHARD``); ``False`` keeps them until the
             backward (``SHARD_GRAD_OP``: less communication, more memory).
-        cpu_offload: keep the shards (and run the optimizer step) in host memory; each layer's weights
-            are gathered to the GPU for its forward and backward.
+        cpu_offload: shards and the optimizer step in host memory. Refused for now: gathering the
+            adapters for saving, the module's device and the memory estimate all assume GPU-resident
+            shards, and the setting has not run on a GPU.
         state_dict_type: ``"sharded"`` writes a checkpoint folder with one file per rank (resumable
             with any number of GPUs); ``"full"`` gathers one file on rank zero.
         wrap: ``"decoder_layer"`` shards each decoder layer as a unit (gathered one at a time);
@@ -64,6 +65,12 @@ class FSDPConfig:
             raise ValueError(
                 f"trainer.fsdp.state_dict_type={self.state_dict_type!r} is not supported; use one of "
                 f"{STATE_DICT_TYPES}"
+            )
+        if self.cpu_offload:
+            raise ValueError(
+                "trainer.fsdp.cpu_offload=true is not supported yet (not verified on GPUs: saving, the module's "
+                "device and the memory estimate assume the shards on the GPU); shard over more GPUs "
+                "(trainer.devices) instead, and see lightning-qlora-estimate for what fits"
             )
         if self.wrap not in WRAPS:
             raise ValueError(f"trainer.fsdp.wrap={self.wrap!r} is not supported; use one of {WRAPS}")
@@ -94,6 +101,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         timeout: timedelta | None = default_pg_timeout,
         **settings: Any,
     ) -> None:
+        if config is not None and settings:
+            raise ValueError(f"FSDP2Strategy: give config or its fields ({sorted(settings)}), not both")
         self.config = config if config is not None else FSDPConfig(**settings)
         super().__init__(
             data_parallel_size="auto",
@@ -121,13 +130,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.model = self.precision_plugin.convert_module(self.model)
         if not _has_dtensor_modules(self.model):
             shard_model(self.model, self.device_mesh["data_parallel"], self.root_device, self.config)
-        if not self.config.cpu_offload:  # buffers and anything left outside the shards
-            self.model_to_device()
+        self.model_to_device()  # buffers and anything left outside the shards
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING and not self.config.cpu_offload:
+        if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
 
@@ -140,14 +148,13 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     Returns:
         How many units were sharded before the root: decoder layers, and the embedding and head.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from .module import decoder_layers
 
     kwargs: dict[str, Any] = {
         "mesh": mesh,
         "reshard_after_forward": config.reshard_after_forward,
-        "offload_policy": CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy(),
     }
     layers = decoder_layers(model) if config.wrap == "decoder_layer" else []
     for layer in layers:
@@ -159,7 +166,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     # The input embedding and the output head as units of their own (unless tied: one weight, one unit):
     # FSDP2 keeps the root unit gathered from forward to backward, and these two are the large part of it
     # (1 GB for a 32k vocabulary at width 8192); as units they are gathered only around their own use.
-    for hf_model in model.children() if _is_lightning_module(model) else [model]:
+    for hf_model in (model.children() if _is_lightning_module(model) else [model]) if layers else []:
         ends = [
             getattr(hf_model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")
         ]
@@ -172,7 +179,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     inside_layers = {id(m) for layer in layers for m in layer.modules()}
     for child in model.children() if _is_lightning_module(model) else [model]:
         if any(True for _ in child.parameters()):
-            for module in child.modules():  # not .to() on the whole: offloaded layer shards stay on the host
+            for module in child.modules():  # the sharded units are placed already
                 if id(module) not in inside_layers:
                     module._apply(lambda t: t.to(device), recurse=False)
             _float_storage(child)

@@ -126,9 +126,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "Lightning's FSDPStrategy (FSDP1) accepts only its own precision plugin; use trainer=fsdp",
         ),
         (
-            "trainer.fsdp.cpu_offload=true",
+            "trainer.fsdp.reshard_after_forward=false",
             "applies to trainer.strategy=fsdp2 only, but trainer.strategy=auto",
         ),
+        ("trainer.fsdp.cpu_offload=true", "trainer.fsdp.cpu_offload=true is not supported yet"),
         ("trainer.fsdp.wrap=layers", "trainer.fsdp.wrap='layers' is not supported"),
     ],
 )

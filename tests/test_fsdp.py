@@ -151,12 +151,28 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
     run_dir = next(p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir())
     weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert weights and all(t.dim() == 2 and min(t.shape) == 16 for t in weights.values())  # whole, r=16
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert (last / "meta.pt").is_file(), "a sharded checkpoint folder (trainer.fsdp.state_dict_type=sharded)"
+
+    # The folder resumes through the app's pre-flight (with the same processes: the app's data position is
+    # per process; another count resumes through Lightning, test above)...
+    proc = run_cli(
+        "trainer=fsdp", *micro_overrides(), "trainer.devices=2", "trainer.max_steps=5", f"ckpt_path={last}",
+        timeout=600,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "lightning-qlora: finished 5 steps" in out, out[-3000:]
+    # ...and a run that does not shard is told how to resume it, in one line, before anything is written.
+    proc = run_cli(*micro_overrides(), "trainer.max_steps=5", f"ckpt_path={last}", timeout=300)
+    assert (
+        proc.returncode == 2 and "is a sharded checkpoint folder (written under trainer=fsdp)" in proc.stderr
+    )
 
 
 def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(tmp_path):
-    """One process (gloo): ``shard_model`` makes the head a unit of its own, so ``causal_lm_loss`` takes the
-    chunked path (FSDP gathers the head around each chunk, no full-vocabulary logits), and it computes the
-    unsharded model's loss and adapter gradients."""
+    """One process (gloo): ``shard_model`` makes an untied head a unit of its own, so ``causal_lm_loss`` takes
+    the chunked path (FSDP gathers the head around each chunk, no full-vocabulary logits), and it computes
+    the unsharded model's loss and adapter gradients."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -197,3 +213,58 @@ def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(t
     assert m == n and abs(loss.item() - ref_loss.item()) < 1e-5
     assert grads.keys() == ref_grads.keys()
     assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) < 1e-5
+
+
+def _unequal_ranks(rank: int, root: str) -> None:
+    """One rank of the test below: rank 0 has 2 x 24 tokens, rank 1 2 x 10 with no target at all."""
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+    from lightning_qlora.loss import IGNORE_INDEX, causal_lm_loss
+    from lightning_qlora.sharding import FSDPConfig, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(1)
+        model = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/m")
+        model = QLoRAPrecision(
+            quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4)
+        ).convert_module(model)
+        shard_model(model, init_device_mesh("cpu", (2,)), torch.device("cpu"), FSDPConfig())
+        ids = torch.randint(
+            0, 256, (2, 24 if rank == 0 else 10), generator=torch.Generator().manual_seed(rank)
+        )
+        labels = ids if rank == 0 else torch.full_like(ids, IGNORE_INDEX)
+        for _ in range(2):  # a training step twice: forward, backward (the head gathered in both)
+            loss, n = causal_lm_loss(model, ids, None, labels, chunk_size=8)
+            loss.backward()
+        with torch.no_grad():  # and an evaluation forward
+            causal_lm_loss(model, ids, None, labels, chunk_size=8)
+        Path(root, f"done{rank}").write_text(f"{loss.item()} {n}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_with_other_lengths_or_no_target_call_the_sharded_head_equally_often(tmp_path):
+    """Padding makes batches differ in length between ranks, and a rank may hold no target: the chunked
+    loss must still gather the head as often on every rank (else FSDP's collectives hang)."""
+    import torch.multiprocessing as mp
+
+    save_tiny_llama(tmp_path / "m", tie_word_embeddings=False)
+    context = mp.start_processes(
+        _unequal_ranks, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn"
+    )
+    import time
+
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):  # True once every rank exited
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the ranks did not finish in 240 s: a collective they did not all call")
+    loss0, n0 = (tmp_path / "done0").read_text().split()
+    loss1, n1 = (tmp_path / "done1").read_text().split()
+    assert int(n0) == 2 * 23 and int(n1) == 0 and float(loss1) == 0.0 and float(loss0) > 0

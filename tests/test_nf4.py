@@ -123,3 +123,19 @@ def test_block_larger_than_a_layers_input_is_refused():
     ):
         quantize_linears(model, QuantConfig(blocksize=256))
     assert isinstance(model[0], nn.Linear), "nothing is converted when one layer is refused"
+
+
+def test_a_16bit_weight_loaded_into_a_quantized_layer_is_quantized_again():
+    """Quantize-on-load replaces the weight: the old quantization state must not survive it (it made the
+    layer look quantized with a 16-bit weight, and its forward fail)."""
+    torch.manual_seed(0)
+    config = QuantConfig(compute_dtype=torch.float32)
+    layer = Linear4bit.from_linear(torch.nn.Linear(128, 64, bias=False), config).quantize_("cpu")
+    new = torch.randn(64, 128)
+    layer.load_state_dict({"weight": new})
+    x = torch.randn(3, 128)
+    out = layer(x)  # quantizes the new weight where it lies
+    assert layer.quantized and layer.weight.dtype == torch.uint8
+    reference = Linear4bit.from_linear(torch.nn.Linear(128, 64, bias=False), config)
+    reference.load_state_dict({"weight": new})
+    assert torch.equal(out, reference(x))
