@@ -283,7 +283,7 @@ def setup_from_config(
         ) from None
     meta = meta_model(hf_config, plugin, model.trust_remote_code)
     weights = count_weights(meta)
-    devices = devices if devices is not None else _trainer_devices(trainer, notes)
+    devices = devices if devices is not None else trainer_devices(trainer, notes)
     strategy = strategy or ("fsdp" if str(trainer.strategy).lower().startswith("fsdp") else "ddp")
     if devices < 1:
         raise ValueError(f"devices={devices} must be >= 1")
@@ -368,7 +368,7 @@ def _missing(err: AttributeError) -> str:
     return repr(name) if name else one_line(err)
 
 
-def _trainer_devices(trainer: Any, notes: list[str]) -> int:
+def trainer_devices(trainer: Any, notes: list[str]) -> int:
     """``trainer.devices x trainer.num_nodes`` as a count (``auto``/-1: the GPUs visible here, else 1)."""
     devices = trainer.devices
     if isinstance(devices, (list, tuple)):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
+from .sharding import is_sharded
 
 
 @dataclass
@@ -250,6 +251,8 @@ class CausalLMModule(L.LightningModule):
             plugin,
             dtype_bytes=next(p for p in self.model.parameters() if p.is_floating_point()).element_size(),
             compiled=bool(getattr(self.model, "_blocks_compiled", False)),
+            devices=self.trainer.world_size if self._trainer is not None else 1,
+            sharded=is_sharded(self.model),
         )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
@@ -336,8 +339,13 @@ def plan_checkpointing(
     plugin: Any = None,
     dtype_bytes: int = 2,
     compiled: bool = False,
+    devices: int = 1,
+    sharded: bool = False,
 ) -> Any:
     """The fastest checkpointing whose estimated peak fits ``config.max_memory_gib`` (an ``Estimate``).
+
+    ``devices`` and ``sharded``: the estimate is per GPU, and under FSDP the weights, adapters and optimizer
+    state divide among ``devices`` GPUs.
 
     The pre-flight calls it with the data's batch and ``max_length`` (eager, the larger estimate), so a
     budget that cannot be met stops the run before anything loads; the module calls it again at the
@@ -359,6 +367,8 @@ def plan_checkpointing(
         dtype_bytes=dtype_bytes,
         loss_chunk=config.loss_chunk_size,
         compiled=compiled,
+        devices=devices,
+        strategy="fsdp" if sharded else "ddp",
     )
 
 

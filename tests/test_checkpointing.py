@@ -130,3 +130,23 @@ def test_auto_decides_at_the_first_batch_from_its_shape():
 def test_auto_without_a_budget_is_refused():
     with pytest.raises(ValueError, match="model.max_memory_gib"):
         CausalLMModule(from_config={"model_type": "llama", **TINY}, activation_checkpointing="auto")
+
+
+def test_auto_plans_per_gpu_under_fsdp():
+    """Under FSDP the weights, adapters and optimizer state divide among the GPUs: the same budget buys
+    more kept activations than on one GPU (7B shapes, 2 x 2048, a 16 GiB budget: one GPU recomputes every
+    layer, each of 2 sharded GPUs keeps half of them)."""
+    import transformers
+
+    from lightning_qlora.module import ModelConfig, plan_checkpointing
+
+    hf = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000,
+    )  # fmt: skip
+    config = ModelConfig(name_or_path="x", activation_checkpointing="auto", max_memory_gib=16.0)
+    plugin = QLoRAPrecision(lora=LoRAConfig(r=16))
+    one = plan_checkpointing(config, hf, 2, 2048, plugin)
+    two = plan_checkpointing(config, hf, 2, 2048, plugin, devices=2, sharded=True)
+    assert (one.checkpointing, two.checkpointing, two.every_n_layers) == ("full", "every_n_layers", 2)
+    assert one.total > 6 * GIB and two.total <= 16 * GIB
