@@ -168,7 +168,7 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     _check_memory_budget(cfg, hf_config, plugin)
     _check_fits_gpu(cfg, hf_config, plugin)
     problem = (
-        datamodule.resume_problem(ckpt)
+        datamodule.resume_problem(ckpt, replicas=_processes(cfg))
         if ckpt is not None and hasattr(datamodule, "resume_problem")
         else None
     )
@@ -176,6 +176,13 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
         raise PreflightError(f"ckpt_path={cfg.ckpt_path!r}: {problem}")
     module = build_module(cfg, tokenizer)
     return {"plugin": plugin, "tokenizer": tokenizer, "datamodule": datamodule, "module": module}
+
+
+def _processes(cfg: DictConfig) -> int:
+    """The processes the run trains with (each takes its share of the data): devices x nodes."""
+    from .estimate import trainer_devices
+
+    return trainer_devices(cfg.trainer, [])
 
 
 def _check_memory_budget(cfg: DictConfig, hf_config: Any, plugin: Any) -> None:

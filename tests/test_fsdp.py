@@ -154,14 +154,23 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
     last = run_dir / "checkpoints" / "last.ckpt"
     assert (last / "meta.pt").is_file(), "a sharded checkpoint folder (trainer.fsdp.state_dict_type=sharded)"
 
-    # The folder resumes through the app's pre-flight (with the same processes: the app's data position is
-    # per process; another count resumes through Lightning, test above)...
+    # The folder resumes through the app's pre-flight with the same processes (another count resumes through
+    # Lightning: test above; the app's own data position is per process)...
     proc = run_cli(
         "trainer=fsdp", *micro_overrides(), "trainer.devices=2", "trainer.max_steps=5", f"ckpt_path={last}",
         timeout=600,
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "lightning-qlora: finished 5 steps" in out, out[-3000:]
+    # ...another process count stops in the pre-flight (the app's data position is per process)...
+    proc = run_cli(
+        "trainer=fsdp", *micro_overrides(), "trainer.devices=1", "trainer.max_steps=5", f"ckpt_path={last}",
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "the number of processes (devices) differs" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    assert "Traceback" not in proc.stderr
     # ...and a run that does not shard is told how to resume it, in one line, before anything is written.
     proc = run_cli(*micro_overrides(), "trainer.max_steps=5", f"ckpt_path={last}", timeout=300)
     assert (

@@ -454,12 +454,13 @@ class InstructDataModule(L.LightningDataModule):
             return []
         return DataLoader(self.val_dataset, shuffle=False, **self._loader_args())
 
-    def resume_problem(self, checkpoint: dict[str, Any]) -> str | None:
+    def resume_problem(self, checkpoint: dict[str, Any], replicas: int | None = None) -> str | None:
         """Why a Lightning checkpoint's saved data position does not fit this data, or None.
 
         For a pre-flight check of `ckpt_path` (after `setup`): a position saved for another row
-        count, batch size or seed cannot name the same batches. A checkpoint without a saved
-        position (none of our loaders in it) is not a problem here.
+        count, batch size, seed or number of processes (``replicas``, when the caller knows it) cannot
+        name the same batches. A checkpoint without a saved position (none of our loaders in it) is
+        not a problem here.
         """
         try:
             states = checkpoint["loops"]["fit_loop"]["state_dict"].get("combined_loader") or []
@@ -472,4 +473,6 @@ class InstructDataModule(L.LightningDataModule):
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
         }
+        if replicas is not None:
+            current["replicas"] = replicas
         return resume_mismatch(states[0], current)
