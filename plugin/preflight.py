@@ -190,14 +190,12 @@ def _check_memory_budget(cfg: DictConfig, hf_config: Any, plugin: Any) -> None:
     estimate (eager, the larger one; the module chooses again from the first batch's real shape)."""
     if cfg.model.activation_checkpointing != "auto" or hf_config is None:
         return
-    from .estimate import trainer_devices
     from .module import plan_checkpointing
 
     sharded = str(cfg.trainer.strategy) == FSDP2Strategy.strategy_name
     estimate = plan_checkpointing(
         typed(cfg.model), hf_config, cfg.data.batch_size, cfg.data.max_length, plugin,
-        dtype_bytes=plugin.dtype.itemsize, devices=trainer_devices(cfg.trainer, []) if sharded else 1,
-        sharded=sharded,
+        dtype_bytes=plugin.dtype.itemsize, devices=_processes(cfg) if sharded else 1, sharded=sharded,
     )  # fmt: skip
     say(
         f"model.activation_checkpointing=auto: {estimate.checkpointing}"

@@ -89,7 +89,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         config: the sharding settings (:class:`FSDPConfig`); or give them as keyword arguments.
         process_group_backend: ``nccl`` on GPUs and ``gloo`` on CPUs by default.
         timeout: for collectives.
-        **settings: :class:`FSDPConfig` fields, e.g. ``FSDP2Strategy(cpu_offload=True)``.
+        **settings: :class:`FSDPConfig` fields, e.g. ``FSDP2Strategy(reshard_after_forward=False)``.
     """
 
     strategy_name = "fsdp2"
@@ -157,38 +157,43 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
         "reshard_after_forward": config.reshard_after_forward,
     }
     layers = decoder_layers(model) if config.wrap == "decoder_layer" else []
+    viewed = 0
     for layer in layers:
         layer.to(device)
-        _float_storage(layer)
+        viewed += _float_storage(layer)
         fully_shard(layer, **kwargs)
-    # The root unit: embeddings, final norm and head. Sharding the LightningModule itself would change
-    # its class; its children with parameters are sharded instead.
+    # Sharding the LightningModule itself would change its class: its children with parameters are the roots.
+    roots = [c for c in (model.children() if _is_lightning_module(model) else [model]) if _has_parameters(c)]
     # The input embedding and the output head as units of their own (unless tied: one weight, one unit):
     # FSDP2 keeps the root unit gathered from forward to backward, and these two are the large part of it
     # (1 GB for a 32k vocabulary at width 8192); as units they are gathered only around their own use.
-    for hf_model in (model.children() if _is_lightning_module(model) else [model]) if layers else []:
-        ends = [
-            getattr(hf_model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")
-        ]
-        ends = [m for m in ends if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+    for root in roots if layers else []:
+        ends = [getattr(root, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+        ends = [m for m in ends if isinstance(m, nn.Module) and _has_parameters(m)]
         if len(ends) == 2 and ends[0].weight is not ends[1].weight:
             for end in ends:
                 end.to(device)
                 fully_shard(end, **kwargs)
                 layers.append(end)
+    # The rest (final norm; embeddings and head when tied or wrap=model) as the root unit.
     inside_layers = {id(m) for layer in layers for m in layer.modules()}
-    for child in model.children() if _is_lightning_module(model) else [model]:
-        if any(True for _ in child.parameters()):
-            for module in child.modules():  # the sharded units are placed already
-                if id(module) not in inside_layers:
-                    module._apply(lambda t: t.to(device), recurse=False)
-            _float_storage(child)
-            fully_shard(child, **kwargs)
+    for root in roots:
+        for module in root.modules():  # the sharded units are placed already
+            if id(module) not in inside_layers:
+                module._apply(lambda t: t.to(device), recurse=False)
+                viewed += _float_storage(module, recurse=False)
+        fully_shard(root, **kwargs)
+    if viewed:
+        rank_zero_info(
+            "lightning-qlora: FSDP2 shards the 4-bit weights held as their compute dtype (quant.quant_storage: "
+            "the same bytes, viewed), not uint8"
+        )
     return len(layers)
 
 
-def _float_storage(module: nn.Module) -> None:
-    """Views uint8 packed 4-bit weights as their compute dtype (the same bytes; bitsandbytes' ``quant_storage``).
+def _float_storage(module: nn.Module, recurse: bool = True) -> int:
+    """Views uint8 packed 4-bit weights as their compute dtype (the same bytes; bitsandbytes' ``quant_storage``);
+    returns how many it viewed.
 
     torch 2.11's FSDP2 wraps each shard in a parameter that requires grad before freezing it, which an
     integer tensor refuses; a floating view shards on every torch, and one dtype per unit keeps each
@@ -197,16 +202,15 @@ def _float_storage(module: nn.Module) -> None:
     from .nf4 import Linear4bit
 
     viewed = 0
-    for layer in module.modules():
+    for layer in module.modules() if recurse else [module]:
         if isinstance(layer, Linear4bit) and layer.quantized and not layer.weight.is_floating_point():
             layer.view_storage(layer.compute_dtype)
             viewed += 1
-    if viewed and not getattr(_float_storage, "said", False):
-        _float_storage.said = True
-        rank_zero_info(
-            "lightning-qlora: FSDP2 shards the 4-bit weights held as their compute dtype (quant.quant_storage: "
-            "the same bytes, viewed), not uint8"
-        )
+    return viewed
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(iter(module.parameters()), None) is not None
 
 
 def _is_lightning_module(module: nn.Module) -> bool:

@@ -47,6 +47,7 @@ from lightning_qlora import (
     QuantConfig,
     save_adapter,
 )
+from lightning_qlora.bench_common import GradientTraffic
 from lightning_qlora.module import ModelConfig
 from lightning_qlora.optim import OptimizerConfig
 from lightning_qlora.sharding import full_tensor, gathered_adapters, is_sharded
@@ -98,32 +99,6 @@ def adapter_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-class ReduceScatterCounter:
-    """Bytes FSDP2 hands to reduce-scatter (its gradient reduction), counted around the real call.
-
-    FSDP2 has no comm hook; it reduce-scatters each unit's gradients flattened into one input (through
-    ``reduce_scatter_single`` in torch 2.13, ``reduce_scatter_tensor`` before), so the input sizes summed
-    over a step are what it reduced. ``install`` wraps whichever of the two this torch has.
-    """
-
-    NAMES = ("reduce_scatter_single", "reduce_scatter_tensor")
-
-    def __init__(self, counter: ByteCounter, real: Any) -> None:
-        self.counter, self.real = counter, real
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tensor = kwargs["input"] if "input" in kwargs else args[1]
-        self.counter.bytes += tensor.numel() * tensor.element_size()
-        self.counter.buckets += 1
-        return self.real(*args, **kwargs)
-
-    @classmethod
-    def install(cls, counter: ByteCounter) -> None:
-        for name in cls.NAMES:
-            if hasattr(torch.distributed, name):
-                setattr(torch.distributed, name, cls(counter, getattr(torch.distributed, name)))
-
-
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -134,9 +109,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 class Recorder(L.Callback):
     """Per step: the local loss, the gradient norm the optimizer sees (after DDP's all-reduce), and the
-    bytes the comm hook counted during that step's backward."""
+    bytes the comm hook (DDP) or the reduce-scatter counter (FSDP2) counted during that step's backward."""
 
-    def __init__(self, counter: ByteCounter, register_hook: bool) -> None:
+    def __init__(self, counter: ByteCounter | GradientTraffic, register_hook: bool) -> None:
         self.counter = counter
         self.register_hook = register_hook
         self.losses: list[float] = []
@@ -211,10 +186,13 @@ def main(argv: list[str] | None = None) -> None:
 
     world = args.devices * args.num_nodes
     cuda = args.accelerator in ("gpu", "cuda")
-    counter = ByteCounter()
+    counter: Any = ByteCounter()
     if args.strategy == "fsdp2":
         strategy: Any = FSDP2Strategy()
-        ReduceScatterCounter.install(counter)
+        # FSDP2 has no comm hook: the bench's counter wraps torch's reduce-scatter, which it calls with each
+        # unit's gradients flattened into one input.
+        counter = GradientTraffic()
+        counter.count_reduce_scatters()
     elif world > 1:
         # On CUDA the hook goes in through Lightning's own strategy argument (what a user would write).
         strategy = DDPStrategy(ddp_comm_state=counter, ddp_comm_hook=counting_allreduce) if cuda else "ddp"
@@ -277,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         "grad_norms": recorder.grad_norms,
         "step_bytes": recorder.step_bytes,
         "rows": recorder.rows,
-        "buckets": counter.buckets,
+        "buckets": getattr(counter, "buckets", 0),
         "strategy": type(trainer.strategy).__name__,
         "sharded": is_sharded(module),
         "trainable_bytes": sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad),
