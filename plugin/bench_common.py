@@ -126,6 +126,9 @@ class Result:
     strategy: str = ""  # with devices > 1: "ddp" or "fsdp"
     peak_reserved_gib: float | None = None  # torch.cuda.max_memory_reserved while training
     host_rss_gib: float | None = None  # the job process's peak resident memory (a rank's, the largest)
+    host_anon_gib: float | None = None  # its peak allocated (anonymous) resident memory, sampled
+    host_file_gib: float | None = None  # its peak resident pages of mapped files (a checkpoint read), sampled
+    load_host_gib: float | None = None  # resident memory gained while loading (peak minus at the start)
     first_step_s: float | None = None  # from the job's start to the end of its first optimizer step
     est_gib: float | None = None  # lightning_qlora.memory's estimate of peak_gib (ours only)
     grad_bytes: int | None = None  # gradient bytes a rank hands to its collectives per step
@@ -253,6 +256,9 @@ def combine_ranks(result: Result, devices: int) -> Result | None:
         devices=world,
         peak_reserved_gib=worst("peak_reserved_gib"),
         host_rss_gib=worst("host_rss_gib"),
+        host_anon_gib=worst("host_anon_gib"),
+        host_file_gib=worst("host_file_gib"),
+        load_host_gib=worst("load_host_gib"),
         first_step_s=worst("first_step_s"),
         grad_bytes=worst("grad_bytes"),
     )

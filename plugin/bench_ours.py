@@ -31,6 +31,7 @@ from .bench_common import (
     sync,
     trainable_bytes,
 )
+from .callbacks import HostMemorySampler
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -108,16 +109,19 @@ def run_ours(
     fsdp = devices > 1 and strategy == "fsdp"
     if fsdp:
         traffic.count_reduce_scatters()
+    host = HostMemorySampler()
 
     class StepTimer(L.Callback):
         def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             reset_peak(device)
             load["t0"] = time.perf_counter()
+            load["host0"] = host.sample()["total"]
 
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             sync(device)
             load["s"] = time.perf_counter() - load["t0"]
             load["peak"] = peak_allocated(device)
+            load["host_growth"] = max(host.peak["total"], host.sample()["total"]) - load["host0"]
             reset_peak(device)
 
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -174,18 +178,21 @@ def run_ours(
     ]
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     backend = os.environ.get("QLORA_BENCH_SDPA")  # an experiment knob: which SDPA kernel attention uses
-    if backend:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    with host:
+        if backend:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel([getattr(SDPBackend, backend.upper())]):
+            with sdpa_kernel([getattr(SDPBackend, backend.upper())]):
+                trainer.fit(module, loader)
+        else:
             trainer.fit(module, loader)
-    else:
-        trainer.fit(module, loader)
     mode = "ours" if quant else "ours16"
     result = make_result(
         model, mode, times[warmup:], [float(x) for x in losses], load, device, batch, first.get("s")
     )
     result.compiled = bool(getattr(module.model, "_blocks_compiled", False))
+    result.host_anon_gib, result.host_file_gib = host.peak["anon"] / 2**30, host.peak["file"] / 2**30
+    result.load_host_gib = load["host_growth"] / 2**30
     est = module.checkpointing_estimate
     result.checkpointing = (
         f"{est.checkpointing}/{est.every_n_layers} (est. {est.total / 2**30:.2f} GiB)"

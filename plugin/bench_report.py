@@ -101,6 +101,12 @@ def _estimate(r: Result, rows: list[Result]) -> str:
     return "n/a" if r.est_gib is None else f"{r.est_gib:.2f}"
 
 
+def _host_kinds(r: Result, rows: list[Result]) -> str:
+    if r.host_anon_gib is None or r.host_file_gib is None:
+        return ""
+    return f"{r.host_anon_gib:.2f} / {r.host_file_gib:.2f}"
+
+
 def _grad(r: Result, rows: list[Result]) -> str:
     if r.grad_bytes is None:
         return ""
@@ -132,6 +138,8 @@ def columns(rows: list[Result], estimate: bool = False) -> list[Column]:
         Column("reserved GiB", _opt("peak_reserved_gib", ".2f"), _any("peak_reserved_gib")),
         Column("est. GiB", _estimate, lambda rows: estimate),
         Column("host RSS GiB", _opt("host_rss_gib", ".2f"), _any("host_rss_gib")),
+        Column("host anon / file GiB", _host_kinds, _any("host_anon_gib")),
+        Column("load host GiB", _opt("load_host_gib", ".2f"), _any("load_host_gib")),
         Column("load s", lambda r, rows: f"{r.load_s:.1f}"),
         Column("load peak GiB", lambda r, rows: f"{r.load_peak_gib:.2f}"),
         Column("grad MiB/step", _grad, _any("grad_bytes")),

@@ -50,6 +50,61 @@ def host_peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+class HostMemorySampler:
+    """Peaks of this process's resident memory by kind, sampled from a daemon thread (Linux; zeros elsewhere).
+
+    ``VmHWM`` cannot tell a process's own allocations from the pages of the memory-mapped files it read
+    (a safetensors checkpoint): this keeps ``RssAnon`` (allocations) and ``RssFile`` (mapped file pages,
+    which the kernel may drop and read again) apart, and the peak of their sum since the last :meth:`reset`.
+
+    Args:
+        interval: seconds between samples.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="host-memory-sampler")
+        self.reset()
+
+    @staticmethod
+    def sample() -> dict[str, int]:
+        """``anon``, ``file`` and ``total`` resident bytes now."""
+        fields = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+        out = {"anon": 0, "file": 0, "shmem": 0}
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    key = fields.get(line.split(":", 1)[0] + ":")
+                    if key:
+                        out[key] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return {"anon": out["anon"], "file": out["file"], "total": sum(out.values())}
+
+    def reset(self) -> dict[str, int]:
+        """Starts the peaks afresh from now; returns the current sample."""
+        now = self.sample()
+        self.start_sample, self.peak = now, dict(now)
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for key, value in self.sample().items():
+                if value > self.peak[key]:
+                    self.peak[key] = value
+
+    def __enter__(self) -> HostMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _count_tokens(batch: Any) -> tuple[int, int]:
     """(tokens, samples) of a batch: non-padding tokens from ``attention_mask``, else ``input_ids``."""
     if isinstance(batch, Mapping):
@@ -360,7 +415,12 @@ class SampleGeneration(Callback):
         was_training = model.training
         try:
             return generate(
-                model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, greedy=True
+                model,
+                self.tokenizer,
+                self.prompts,
+                max_new_tokens=self.max_new_tokens,
+                greedy=True,
+                synced_gpus=is_sharded(pl_module),
             )
         except Exception as err:  # a sample is a nicety; never lose a run to it
             _warn_once(f"sample generation failed: {err}")
@@ -369,8 +429,8 @@ class SampleGeneration(Callback):
             model.train(was_training)
 
     def _runs_here(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        # Under FSDP every forward gathers weights from all ranks: every rank generates (the same greedy
-        # tokens, so the same number of forwards); rank zero's samples are the ones reported.
+        # Under FSDP every forward gathers weights from all ranks: every rank generates, in step with the
+        # others until all are done (synced_gpus); rank zero's samples are the ones reported.
         return bool(self.prompts) and (trainer.is_global_zero or is_sharded(pl_module))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -40,6 +40,7 @@ def generate(
     seed: int | None = None,
     batch_size: int = 8,
     chat: bool = False,
+    synced_gpus: bool = False,
 ) -> list[str]:
     """Completes each prompt; returns only the new text, special tokens removed.
 
@@ -55,6 +56,8 @@ def generate(
         seed: seeds torch's RNG before sampling, for repeatable samples.
         batch_size: prompts per forward batch (left-padded).
         chat: wrap each prompt as a user message with the tokenizer's chat template.
+        synced_gpus: every rank of a sharded (FSDP) model calls this together: each keeps running forwards
+            (which gather weights from all ranks) until every rank has finished its tokens.
 
     Returns:
         One completion per prompt, in order.
@@ -99,6 +102,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
                 **sampling,
             )
             new = out[:, batch["input_ids"].shape[1] :]

@@ -151,9 +151,9 @@ def causal_lm_loss(
 
 
 def _sharded_frozen_head(head: nn.Module | None, model: nn.Module) -> bool:
-    """A frozen bias-free linear head that FSDP2 shards as a unit of its own (``FSDP2Strategy`` does, unless
-    it is tied to the embedding: a tied head takes the full-logits path), in a model whose forward can skip
-    the head (``logits_to_keep``)."""
+    """A frozen bias-free linear head that FSDP2 shards as a unit of its own (``FSDP2Strategy`` does; a frozen
+    head tied to the embedding gets its own copy first), in a model whose forward can skip the head
+    (``logits_to_keep``)."""
     from torch.distributed.fsdp import FSDPModule
 
     return (
@@ -176,7 +176,7 @@ def _sharded_head_loss(
     n: int,
 ) -> tuple[Tensor, int]:
     """The chunked loss under FSDP2: the model's own forward (FSDP's root hooks run; the head computes one
-    position), the backbone's output taken by a hook, then an untied head (a unit of its own) called chunk by
+    position), the backbone's output taken by a hook, then the head (a unit of its own) called chunk by
     chunk under activation checkpointing, so FSDP gathers its weight around each call and no chunk's logits
     outlive it."""
     captured: list[Tensor] = []

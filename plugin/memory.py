@@ -345,11 +345,14 @@ def estimate(
     share = 1 / devices if sharded else 1.0
     if strategy == "ddp" and devices > 1:
         adapters += weights.adapters * 4  # DDP's bucket: a second copy of the gradients to all-reduce
+    dense = weights.dense
+    if sharded and shapes.tied:  # FSDP2Strategy gives a tied head a copy of its own (sharding.shard_model)
+        dense += shapes.vocab * shapes.hidden * dtype_bytes
     parts = {
         PACKED: weights.packed * share,
         CONSTANTS: weights.constants,  # each layer keeps its own whole, on every GPU
         LINEAR16: weights.linear16 * share,
-        DENSE: weights.dense * share,
+        DENSE: dense * share,
         ADAPTERS: adapters * share,
     }
     if sharded:

@@ -164,18 +164,22 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
         fully_shard(layer, **kwargs)
     # Sharding the LightningModule itself would change its class: its children with parameters are the roots.
     roots = [c for c in (model.children() if _is_lightning_module(model) else [model]) if _has_parameters(c)]
-    # The input embedding and the output head as units of their own (unless tied: one weight, one unit):
-    # FSDP2 keeps the root unit gathered from forward to backward, and these two are the large part of it
-    # (1 GB for a 32k vocabulary at width 8192); as units they are gathered only around their own use.
+    # The input embedding and the output head as units of their own: FSDP2 keeps the root unit gathered
+    # from forward to backward, and these two are the large part of it (1 GB for a 32k vocabulary at width
+    # 8192); as units they are gathered only around their own use, and the loss can call the head chunk by
+    # chunk instead of materialising the full-vocabulary logits.
+    untied = 0
     for root in roots if layers else []:
         ends = [getattr(root, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
         ends = [m for m in ends if isinstance(m, nn.Module) and _has_parameters(m)]
+        if len(ends) == 2 and ends[0].weight is ends[1].weight and not ends[0].weight.requires_grad:
+            untied += _untie(*ends, device)
         if len(ends) == 2 and ends[0].weight is not ends[1].weight:
             for end in ends:
                 end.to(device)
                 fully_shard(end, **kwargs)
                 layers.append(end)
-    # The rest (final norm; embeddings and head when tied or wrap=model) as the root unit.
+    # The rest (final norm; embeddings and head when wrap=model or the embedding trains) as the root unit.
     inside_layers = {id(m) for layer in layers for m in layer.modules()}
     for root in roots:
         for module in root.modules():  # the sharded units are placed already
@@ -183,12 +187,26 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
                 module._apply(lambda t: t.to(device), recurse=False)
                 viewed += _float_storage(module, recurse=False)
         fully_shard(root, **kwargs)
+    if untied:
+        rank_zero_info(
+            f"lightning-qlora: FSDP2 shards the frozen output head apart from the embedding it was tied to (a copy of "
+            f"the same values, {untied / 2**20:.0f} MiB before sharding) so the loss gathers it chunk by chunk"
+        )
     if viewed:
         rank_zero_info(
             "lightning-qlora: FSDP2 shards the 4-bit weights held as their compute dtype (quant.quant_storage: "
             "the same bytes, viewed), not uint8"
         )
     return len(layers)
+
+
+@torch.no_grad()
+def _untie(embedding: nn.Module, head: nn.Module, device: torch.device) -> int:
+    """Gives a frozen head tied to the embedding its own copy of the weight (FSDP2 cannot shard one parameter
+    in two units); returns the bytes copied. Both stay frozen, so they hold the same values for good."""
+    embedding.to(device)
+    head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+    return head.weight.numel() * head.weight.element_size()
 
 
 def _float_storage(module: nn.Module, recurse: bool = True) -> int:

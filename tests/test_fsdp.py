@@ -178,18 +178,20 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
     )
 
 
-def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(tmp_path):
-    """One process (gloo): ``shard_model`` makes an untied head a unit of its own, so ``causal_lm_loss`` takes
-    the chunked path (FSDP gathers the head around each chunk, no full-vocabulary logits), and it computes
-    the unsharded model's loss and adapter gradients."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(tmp_path, tied):
+    """One process (gloo): ``shard_model`` makes the head a unit of its own (a tied one gets its own copy of
+    the weight), so ``causal_lm_loss`` takes the chunked path (FSDP gathers the head around each chunk, no
+    full-vocabulary logits), and it computes the unsharded model's loss and adapter gradients."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
 
     from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
     from lightning_qlora.loss import _sharded_frozen_head, causal_lm_loss, split_head
     from lightning_qlora.sharding import FSDPConfig, full_tensor, shard_model
 
-    save_tiny_llama(tmp_path / "m", tie_word_embeddings=False)
+    save_tiny_llama(tmp_path / "m", tie_word_embeddings=tied)
     import transformers
 
     def build():
@@ -214,6 +216,10 @@ def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(t
         shard_model(model, init_device_mesh("cpu", (1,)), torch.device("cpu"), FSDPConfig())
         _, head = split_head(model)
         assert _sharded_frozen_head(head, model)
+        embedding = model.get_input_embeddings()
+        assert (reference.get_input_embeddings().weight is reference.lm_head.weight) == tied
+        assert embedding.weight is not head.weight and isinstance(embedding, FSDPModule)
+        assert not head.weight.requires_grad and not embedding.weight.requires_grad
         loss, m = causal_lm_loss(model, ids, None, ids, chunk_size=16)
         loss.backward()
         grads = {k: full_tensor(p.grad) for k, p in model.named_parameters() if p.grad is not None}
@@ -277,3 +283,52 @@ def test_ranks_with_other_lengths_or_no_target_call_the_sharded_head_equally_oft
     loss0, n0 = (tmp_path / "done0").read_text().split()
     loss1, n1 = (tmp_path / "done1").read_text().split()
     assert int(n0) == 2 * 23 and int(n1) == 0 and float(loss1) == 0.0 and float(loss0) > 0
+
+
+def _generating_rank(rank: int, root: str) -> None:
+    """One rank of the test below: a sharded model generates, rank 0 for 2 new tokens and rank 1 for 6."""
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+    from lightning_qlora.generate import generate
+    from lightning_qlora.sharding import FSDPConfig, shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(1)
+        model = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/m")
+        model = QLoRAPrecision(
+            quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4)
+        ).convert_module(model)
+        shard_model(model, init_device_mesh("cpu", (2,)), torch.device("cpu"), FSDPConfig())
+        tokenizer = transformers.AutoTokenizer.from_pretrained(f"{root}/m")
+        tokenizer.eos_token_id = None  # no early stop: each rank runs to its own max_new_tokens
+        (text,) = generate(model, tokenizer, "ab", max_new_tokens=2 + 4 * rank, greedy=True, synced_gpus=True)
+        Path(root, f"done{rank}").write_text(str(len(tokenizer(text, add_special_tokens=False).input_ids)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_ranks_that_finish_generating_at_other_steps_do_not_hang(tmp_path):
+    """Under FSDP each generated token is a forward that gathers weights from every rank: a rank done early
+    (its prompts ended, or fewer tokens) must keep joining them (``synced_gpus``), which ``SampleGeneration``
+    asks for under sharding."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    save_tiny_llama(tmp_path / "m", tokenizer=True)
+    context = mp.start_processes(
+        _generating_rank, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError("the ranks did not finish in 240 s: a gather one rank no longer joined")
+    short, long = (int((tmp_path / f"done{r}").read_text()) for r in (0, 1))
+    assert 0 < short < long  # each rank kept its own completion (bytes re-tokenized, so not exactly 2 and 6)

@@ -47,3 +47,27 @@ def test_gpu_app_peak_matches_the_benchmark_on_1b_shapes(tmp_path):
     assert app.returncode == 0, app.stderr[-2000:]
     app_peak = float(re.search(r"peak GPU memory ([0-9.]+) GiB", app.stdout).group(1))
     assert app_peak == pytest.approx(bench_peak, rel=0.10), f"app {app_peak} GiB, bench {bench_peak} GiB"
+
+
+def test_gpu_model_stays_on_the_gpu_when_fit_ends_and_moves_when_asked(tmp_path):
+    """Lightning's strategy teardown calls ``module.cpu()`` when fit ends, which for a 4-bit base copies all of
+    it into host memory (70B: 38 GiB); the module leaves it on the GPU then, and ``cpu()`` called later moves."""
+    import lightning as L
+    from tiny import save_tiny_llama
+
+    from lightning_qlora import CausalLMModule, LoRAConfig, QLoRAPrecision, QuantConfig
+    from lightning_qlora.nf4 import Linear4bit
+
+    save_tiny_llama(tmp_path / "m")
+    module = CausalLMModule(name_or_path=str(tmp_path / "m"), compile=False)
+    ids = torch.randint(0, 256, (2, 32))
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}] * 2
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, plugins=[QLoRAPrecision(quant=QuantConfig(), lora=LoRAConfig(r=4))],
+    )  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    layer = next(m for m in module.model.modules() if isinstance(m, Linear4bit))
+    assert layer.weight.device.type == "cuda" and next(module.model.parameters()).device.type == "cuda"
+    module.cpu()
+    assert all(p.device.type == "cpu" for p in module.model.parameters())
