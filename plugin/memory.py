@@ -360,9 +360,13 @@ def estimate(
         parts[GATHERED] = (weights.root + gathered) * (1 - share)
     parts[ACTIVATIONS] = kept
     layer_pass = recompute + dequantized + grad_stream
-    parts[TRANSIENT] = max(layer_pass, loss)
+    # Saving under FSDP gathers every adapter whole at once (sharding.gathered_adapters), between steps.
+    saving = weights.adapters * 4 * (1 - share) if sharded else 0.0
+    parts[TRANSIENT] = max(layer_pass, loss, saving)
     parts = {k: v for k, v in parts.items() if v or k in (ACTIVATIONS, TRANSIENT)}
-    if loss >= layer_pass:
+    if saving > max(layer_pass, loss):
+        transient = "the adapters gathered for saving"
+    elif loss >= layer_pass:
         transient = f"loss over {chunk} tokens"
     else:
         transient = "one layer's recompute" if recompute else "one layer's backward"

@@ -323,3 +323,15 @@ def test_gpu_the_estimate_is_within_10_percent_of_a_real_training_run_of_the_1b(
     assert predicted == pytest.approx(measured, rel=0.10), (
         f"estimated {predicted:.2f} GiB, measured {measured}"
     )
+
+
+def test_under_fsdp_the_transient_covers_the_adapters_gathered_for_saving():
+    """Saving gathers every adapter whole on every rank between steps: with short sequences and a large rank
+    that is the largest transient, and the estimate names it."""
+    shapes = Shapes(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=32000,
+                    tied=False)  # fmt: skip
+    weights = Weights.from_shapes(shapes, lora_r=256)
+    est = estimate(shapes, 1, 16, lora_r=256, devices=4, strategy="fsdp")
+    assert est.parts[TRANSIENT] == pytest.approx(weights.adapters * 4 * 3 / 4)
+    assert est.transient == "the adapters gathered for saving"
+    assert estimate(shapes, 1, 16, lora_r=256).transient != "the adapters gathered for saving"
