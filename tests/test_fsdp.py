@@ -230,14 +230,13 @@ def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(t
     assert max((grads[k] - ref_grads[k]).abs().max().item() for k in grads) < 1e-5
 
 
-def _unequal_ranks(rank: int, root: str) -> None:
-    """One rank of the test below: rank 0 has 2 x 24 tokens, rank 1 2 x 10 with no target at all."""
+def _sharded_rank(rank: int, root: str, body: Any) -> None:
+    """One of 2 gloo ranks: the tiny model saved at ``root/m``, converted and sharded, handed to ``body``."""
     import torch.distributed as dist
     import transformers
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
-    from lightning_qlora.loss import IGNORE_INDEX, causal_lm_loss
     from lightning_qlora.sharding import FSDPConfig, shard_model
 
     dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
@@ -248,67 +247,63 @@ def _unequal_ranks(rank: int, root: str) -> None:
             quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4)
         ).convert_module(model)
         shard_model(model, init_device_mesh("cpu", (2,)), torch.device("cpu"), FSDPConfig())
-        ids = torch.randint(
-            0, 256, (2, 24 if rank == 0 else 10), generator=torch.Generator().manual_seed(rank)
-        )
-        labels = ids if rank == 0 else torch.full_like(ids, IGNORE_INDEX)
-        for _ in range(2):  # a training step twice: forward, backward (the head gathered in both)
-            loss, n = causal_lm_loss(model, ids, None, labels, chunk_size=8)
-            loss.backward()
-        with torch.no_grad():  # and an evaluation forward
-            causal_lm_loss(model, ids, None, labels, chunk_size=8)
-        Path(root, f"done{rank}").write_text(f"{loss.item()} {n}")
+        Path(root, f"done{rank}").write_text(body(rank, root, model))
     finally:
         dist.destroy_process_group()
+
+
+def _run_two_ranks(body: Any, root: Path, hang: str) -> list[str]:
+    """Runs ``body`` on 2 sharded ranks; fails with ``hang`` if they have not all exited in 240 s."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        _sharded_rank, args=(str(root), body), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):  # True once every rank exited
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the ranks did not finish in 240 s: {hang}")
+    return [(root / f"done{r}").read_text() for r in (0, 1)]
+
+
+def _unequal_lengths(rank: int, root: str, model: Any) -> str:
+    """Rank 0 has 2 x 24 tokens, rank 1 2 x 10 with no target at all."""
+    from lightning_qlora.loss import IGNORE_INDEX, causal_lm_loss
+
+    ids = torch.randint(0, 256, (2, 24 if rank == 0 else 10), generator=torch.Generator().manual_seed(rank))
+    labels = ids if rank == 0 else torch.full_like(ids, IGNORE_INDEX)
+    for _ in range(2):  # a training step twice: forward, backward (the head gathered in both)
+        loss, n = causal_lm_loss(model, ids, None, labels, chunk_size=8)
+        loss.backward()
+    with torch.no_grad():  # and an evaluation forward
+        causal_lm_loss(model, ids, None, labels, chunk_size=8)
+    return f"{loss.item()} {n}"
 
 
 @pytest.mark.slow
 def test_ranks_with_other_lengths_or_no_target_call_the_sharded_head_equally_often(tmp_path):
     """Padding makes batches differ in length between ranks, and a rank may hold no target: the chunked
     loss must still gather the head as often on every rank (else FSDP's collectives hang)."""
-    import torch.multiprocessing as mp
-
     save_tiny_llama(tmp_path / "m", tie_word_embeddings=False)
-    context = mp.start_processes(
-        _unequal_ranks, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn"
-    )
-    import time
-
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):  # True once every rank exited
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError("the ranks did not finish in 240 s: a collective they did not all call")
-    loss0, n0 = (tmp_path / "done0").read_text().split()
-    loss1, n1 = (tmp_path / "done1").read_text().split()
+    done = _run_two_ranks(_unequal_lengths, tmp_path, "a collective they did not all call")
+    (loss0, n0), (loss1, n1) = (d.split() for d in done)
     assert int(n0) == 2 * 23 and int(n1) == 0 and float(loss1) == 0.0 and float(loss0) > 0
 
 
-def _generating_rank(rank: int, root: str) -> None:
-    """One rank of the test below: a sharded model generates, rank 0 for 2 new tokens and rank 1 for 6."""
-    import torch.distributed as dist
+def _generate_own_length(rank: int, root: str, model: Any) -> str:
+    """Rank 0 generates 2 new tokens, rank 1 6."""
     import transformers
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
     from lightning_qlora.generate import generate
-    from lightning_qlora.sharding import FSDPConfig, shard_model
 
-    dist.init_process_group("gloo", init_method=f"file://{root}/store", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(1)
-        model = transformers.AutoModelForCausalLM.from_pretrained(f"{root}/m")
-        model = QLoRAPrecision(
-            quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4)
-        ).convert_module(model)
-        shard_model(model, init_device_mesh("cpu", (2,)), torch.device("cpu"), FSDPConfig())
-        tokenizer = transformers.AutoTokenizer.from_pretrained(f"{root}/m")
-        tokenizer.eos_token_id = None  # no early stop: each rank runs to its own max_new_tokens
-        (text,) = generate(model, tokenizer, "ab", max_new_tokens=2 + 4 * rank, greedy=True, synced_gpus=True)
-        Path(root, f"done{rank}").write_text(str(len(tokenizer(text, add_special_tokens=False).input_ids)))
-    finally:
-        dist.destroy_process_group()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(f"{root}/m")
+    tokenizer.eos_token_id = None  # no early stop: each rank runs to its own max_new_tokens
+    (text,) = generate(model, tokenizer, "ab", max_new_tokens=2 + 4 * rank, greedy=True, synced_gpus=True)
+    return str(len(tokenizer(text, add_special_tokens=False).input_ids))
 
 
 @pytest.mark.slow
@@ -316,19 +311,8 @@ def test_sharded_ranks_that_finish_generating_at_other_steps_do_not_hang(tmp_pat
     """Under FSDP each generated token is a forward that gathers weights from every rank: a rank done early
     (its prompts ended, or fewer tokens) must keep joining them (``synced_gpus``), which ``SampleGeneration``
     asks for under sharding."""
-    import time
-
-    import torch.multiprocessing as mp
-
     save_tiny_llama(tmp_path / "m", tokenizer=True)
-    context = mp.start_processes(
-        _generating_rank, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn"
+    short, long = map(
+        int, _run_two_ranks(_generate_own_length, tmp_path, "a gather one rank no longer joined")
     )
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            raise AssertionError("the ranks did not finish in 240 s: a gather one rank no longer joined")
-    short, long = (int((tmp_path / f"done{r}").read_text()) for r in (0, 1))
     assert 0 < short < long  # each rank kept its own completion (bytes re-tokenized, so not exactly 2 and 6)
