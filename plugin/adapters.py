@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .anatomy import hf_root
 from .lora import LoRAConfig, LoRALinear, lora_layers
 from .nf4 import Linear4bit, QuantConfig, as_dtype, dequantize, named_linears, parent_module
 
@@ -43,26 +44,6 @@ _UNSUPPORTED = {
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "trainable_token_indices": "trainable token indices",
 }
-
-
-def hf_root(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module adapter keys are relative to, and its qualified name inside ``model``.
-
-    A ``transformers`` model is its own root. A wrapper (a LightningModule holding the HF model as
-    ``self.model``) with exactly one outermost ``PreTrainedModel`` inside is keyed relative to it,
-    so the saved keys are those PEFT expects for that model; any other module is its own root.
-    """
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        return model, ""
-    outer: list[tuple[str, nn.Module]] = []
-    for name, sub in model.named_modules():
-        if isinstance(sub, PreTrainedModel) and not any(name.startswith(o + ".") for o, _ in outer):
-            outer.append((name, sub))
-    if len(outer) == 1:
-        return outer[0][1], outer[0][0]
-    return model, ""
 
 
 def _target_modules(root: nn.Module, names: Sequence[str]) -> list[str] | str:
@@ -660,7 +641,6 @@ def read_qlora_config(directory: str | os.PathLike) -> dict[str, Any] | None:
 
 __all__ = [
     "adapter_lora_config",
-    "hf_root",
     "load_adapter",
     "merge_adapter",
     "read_adapter",

@@ -29,7 +29,7 @@ Modes:
 
 70b (Llama-2-70B: 8192 d, 80 layers, 64 heads / 8 KV heads, FFN 28672, 32k vocab, untied; batch 1 x 2048):
 its 16-bit weights (138 GB) never exist. Its checkpoint is written at random directly in 4-bit
-(``checkpoint4bit.write_random_4bit_checkpoint``: each weight initialised on the GPU, quantized and
+(``checkpoint4bit_write.write_random_4bit_checkpoint``: each weight initialised on the GPU, quantized and
 written in turn; ~37 GB on disk under ``--cache``), and both stacks train from that one directory as
 from a hub ``...-bnb-4bit`` checkpoint: ours through the app's path (``model.name_or_path=<dir>``; the
 loader places the packed weights as they are), the reference through transformers' ``from_pretrained``.
@@ -114,7 +114,7 @@ def prepare_checkpoint(model: str, directory: Path, device: torch.device) -> Non
     spec = MODELS[model]
     config = transformers.LlamaConfig(**spec["config"])
     if spec.get("four_bit"):
-        from .checkpoint4bit import write_random_4bit_checkpoint
+        from .checkpoint4bit_write import write_random_4bit_checkpoint
         from .nf4 import QuantConfig
 
         check_disk(model, directory)

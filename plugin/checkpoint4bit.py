@@ -793,25 +793,6 @@ def progress_bar(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any
     return bar
 
 
-# The writers moved to checkpoint4bit_write; these names stay importable from here, where
-# ``lightning_qlora``'s lazy API and older code look for them.
-_MOVED = (
-    "ShardWriter",
-    "bnb_quantization_config",
-    "save_4bit_checkpoint",
-    "staged_output",
-    "write_random_4bit_checkpoint",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from . import checkpoint4bit_write
-
-        return getattr(checkpoint4bit_write, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "BNB_4BIT",
     "Checkpoint4bit",
@@ -831,5 +812,4 @@ __all__ = [
     "read_config",
     "read_safetensors_header",
     "weight_files",
-    *_MOVED,
 ]

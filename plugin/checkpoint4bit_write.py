@@ -213,7 +213,7 @@ def save_4bit_checkpoint(
     Raises:
         ValueError: the model has no 4-bit layers, or its 4-bit layers differ in settings.
     """
-    from .adapters import hf_root
+    from .anatomy import hf_root
 
     root, _ = hf_root(model)
     linears = [(canonical_name(n), m) for n, m in named_linears(root)]

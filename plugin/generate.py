@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import hf_root
+from .anatomy import hf_root
 from .checkpoint4bit import locate_checkpoint
 from .data import load_tokenizer
 from .export import load_model

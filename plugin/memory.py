@@ -178,7 +178,7 @@ def count_weights(model: Any) -> Weights:
     """
     import torch
 
-    from .module import decoder_layers
+    from .anatomy import decoder_layers
     from .nf4 import Linear4bit, named_linears
 
     layers = decoder_layers(model)

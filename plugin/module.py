@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from .anatomy import decoder_layers
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
@@ -399,18 +400,6 @@ def plan_checkpointing(
         devices=devices,
         strategy="fsdp" if sharded else "ddp",
     )
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The blocks transformers checkpoints (``GradientCheckpointingLayer``, or any non-model module with a
-    ``gradient_checkpointing`` flag in older releases), in order."""
-    from transformers import PreTrainedModel
-
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "gradient_checkpointing") and not isinstance(m, PreTrainedModel)
-    ]
 
 
 def set_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1) -> None:

@@ -150,7 +150,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .module import decoder_layers
+    from .anatomy import decoder_layers
 
     kwargs: dict[str, Any] = {
         "mesh": mesh,

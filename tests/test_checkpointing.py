@@ -11,8 +11,9 @@ import torch
 from tiny import TINY
 
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+from lightning_qlora.anatomy import decoder_layers
 from lightning_qlora.memory import GIB, Shapes, activation_bytes_per_token, choose_checkpointing, estimate
-from lightning_qlora.module import CausalLMModule, decoder_layers, set_activation_checkpointing
+from lightning_qlora.module import CausalLMModule, set_activation_checkpointing
 
 LAYERS, BATCH, SEQ = 4, 2, 64
 
