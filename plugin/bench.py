@@ -13,7 +13,8 @@ checkpointing and optimizer (AdamW, lr 1e-4). Reported per row: median tokens/s 
 after warm-up; its share of the card's bf16 matmul peak (measured at the start of the same call:
 8192^3 products; FLOPs per token as ``bench_flops.flop_terms`` counts them); the peak of
 ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` while training; the job process's peak
-host memory (VmHWM); the time from the job's start to the end of its first optimizer step (imports,
+host memory (VmHWM; and, sampled from training's setup on, the peaks of its allocated and its mapped-file
+memory apart, and what loading added); the time from the job's start to the end of its first optimizer step (imports,
 loading, quantizing and compiling included); and time and peak memory to load and quantize the model.
 ``--estimate`` adds ``lightning_qlora.memory``'s estimate of our peak.
 

@@ -115,13 +115,13 @@ def run_ours(
         def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             reset_peak(device)
             load["t0"] = time.perf_counter()
-            load["host0"] = host.sample()["total"]
+            host.reset()  # the peaks from here: loading, then training
 
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             sync(device)
             load["s"] = time.perf_counter() - load["t0"]
             load["peak"] = peak_allocated(device)
-            load["host_growth"] = max(host.peak["total"], host.sample()["total"]) - load["host0"]
+            load["host_growth"] = host.peak["total"] - host.start["total"]
             reset_peak(device)
 
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -191,8 +191,9 @@ def run_ours(
         model, mode, times[warmup:], [float(x) for x in losses], load, device, batch, first.get("s")
     )
     result.compiled = bool(getattr(module.model, "_blocks_compiled", False))
-    result.host_anon_gib, result.host_file_gib = host.peak["anon"] / 2**30, host.peak["file"] / 2**30
-    result.load_host_gib = load["host_growth"] / 2**30
+    if host.available:
+        result.host_anon_gib, result.host_file_gib = host.peak["anon"] / 2**30, host.peak["file"] / 2**30
+        result.load_host_gib = load["host_growth"] / 2**30
     est = module.checkpointing_estimate
     result.checkpointing = (
         f"{est.checkpointing}/{est.every_n_layers} (est. {est.total / 2**30:.2f} GiB)"

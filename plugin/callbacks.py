@@ -51,11 +51,13 @@ def host_peak_rss() -> int:
 
 
 class HostMemorySampler:
-    """Peaks of this process's resident memory by kind, sampled from a daemon thread (Linux; zeros elsewhere).
+    """Peaks of this process's resident memory by kind, sampled from a daemon thread while entered (Linux).
 
     ``VmHWM`` cannot tell a process's own allocations from the pages of the memory-mapped files it read
     (a safetensors checkpoint): this keeps ``RssAnon`` (allocations) and ``RssFile`` (mapped file pages,
-    which the kernel may drop and read again) apart, and the peak of their sum since the last :meth:`reset`.
+    which the kernel may drop and read again) apart, each with its own peak since the last :meth:`reset`
+    (so the two peaks may come from different moments), and the peak of ``total`` (anon + file + shmem,
+    i.e. ``VmRSS``). Where ``/proc/self/status`` has no such fields, :attr:`available` is False. Use once.
 
     Args:
         interval: seconds between samples.
@@ -65,36 +67,41 @@ class HostMemorySampler:
         import threading
 
         self.interval = interval
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="host-memory-sampler")
+        self.available = self.sample() is not None
         self.reset()
 
     @staticmethod
-    def sample() -> dict[str, int]:
-        """``anon``, ``file`` and ``total`` resident bytes now."""
-        fields = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
-        out = {"anon": 0, "file": 0, "shmem": 0}
+    def sample() -> dict[str, int] | None:
+        """``anon``, ``file`` and ``total`` resident bytes now, or None where the kernel does not say."""
+        fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+        out: dict[str, int] = {}
         try:
             with open("/proc/self/status") as fh:
                 for line in fh:
-                    key = fields.get(line.split(":", 1)[0] + ":")
+                    key = fields.get(line.split(":", 1)[0])
                     if key:
                         out[key] = int(line.split()[1]) * 1024
         except OSError:
-            pass
+            return None
+        if "anon" not in out or "file" not in out:
+            return None
         return {"anon": out["anon"], "file": out["file"], "total": sum(out.values())}
 
-    def reset(self) -> dict[str, int]:
-        """Starts the peaks afresh from now; returns the current sample."""
-        now = self.sample()
-        self.start_sample, self.peak = now, dict(now)
-        return now
+    def reset(self) -> None:
+        """Starts the peaks afresh from now (:attr:`start` holds this moment's sample)."""
+        with self._lock:
+            self.start = self.sample() or {"anon": 0, "file": 0, "total": 0}
+            self.peak = dict(self.start)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            for key, value in self.sample().items():
-                if value > self.peak[key]:
-                    self.peak[key] = value
+            now = self.sample()
+            with self._lock:
+                for key, value in (now or {}).items():
+                    self.peak[key] = max(self.peak[key], value)
 
     def __enter__(self) -> HostMemorySampler:
         self._thread.start()
@@ -420,7 +427,6 @@ class SampleGeneration(Callback):
                 self.prompts,
                 max_new_tokens=self.max_new_tokens,
                 greedy=True,
-                synced_gpus=is_sharded(pl_module),
             )
         except Exception as err:  # a sample is a nicety; never lose a run to it
             _warn_once(f"sample generation failed: {err}")
@@ -430,7 +436,7 @@ class SampleGeneration(Callback):
 
     def _runs_here(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         # Under FSDP every forward gathers weights from all ranks: every rank generates, in step with the
-        # others until all are done (synced_gpus); rank zero's samples are the ones reported.
+        # others until all are done (generate turns synced_gpus on); rank zero's samples are reported.
         return bool(self.prompts) and (trainer.is_global_zero or is_sharded(pl_module))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

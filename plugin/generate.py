@@ -23,6 +23,7 @@ from .checkpoint4bit import locate_checkpoint
 from .data import load_tokenizer
 from .export import load_model
 from .messages import EXIT_USAGE, one_line
+from .sharding import is_sharded
 
 PROG = "lightning-qlora-generate"
 
@@ -40,7 +41,7 @@ def generate(
     seed: int | None = None,
     batch_size: int = 8,
     chat: bool = False,
-    synced_gpus: bool = False,
+    synced_gpus: bool | None = None,
 ) -> list[str]:
     """Completes each prompt; returns only the new text, special tokens removed.
 
@@ -56,8 +57,9 @@ def generate(
         seed: seeds torch's RNG before sampling, for repeatable samples.
         batch_size: prompts per forward batch (left-padded).
         chat: wrap each prompt as a user message with the tokenizer's chat template.
-        synced_gpus: every rank of a sharded (FSDP) model calls this together: each keeps running forwards
-            (which gather weights from all ranks) until every rank has finished its tokens.
+        synced_gpus: every rank keeps running forwards until all ranks have finished their tokens: needed
+            when every rank of a sharded (FSDP) model generates, since each forward gathers weights from all
+            ranks. ``None``: on when the model is sharded over more than one process.
 
     Returns:
         One completion per prompt, in order.
@@ -70,6 +72,10 @@ def generate(
     if not hasattr(lm, "generate"):
         raise TypeError(f"{type(model).__name__} holds no transformers model with .generate()")
     device = next((p.device for p in lm.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    if synced_gpus is None:
+        synced_gpus = (
+            is_sharded(lm) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling: dict[str, Any] = (
         {"do_sample": False}

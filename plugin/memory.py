@@ -346,7 +346,7 @@ def estimate(
     if strategy == "ddp" and devices > 1:
         adapters += weights.adapters * 4  # DDP's bucket: a second copy of the gradients to all-reduce
     dense = weights.dense
-    if sharded and shapes.tied:  # FSDP2Strategy gives a tied head a copy of its own (sharding.shard_model)
+    if strategy == "fsdp" and shapes.tied:  # FSDP2Strategy gives a tied head a copy of its own (shard_model)
         dense += shapes.vocab * shapes.hidden * dtype_bytes
     parts = {
         PACKED: weights.packed * share,

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from .anatomy import decoder_layers
@@ -186,33 +189,24 @@ class CausalLMModule(L.LightningModule):
         )
         self.model: nn.Module | None = None
         self.checkpointing_estimate: Any = None  # what activation_checkpointing=auto chose, and why
-        self._run_started = False  # a Trainer's run set this module up and has not yet moved it to the host
 
     @property
     def model_name(self) -> str:
         return self.config.display_name
 
-    def setup(self, stage: str) -> None:
-        self._run_started = True
-
-    def teardown(self, stage: str) -> None:  # strategies that never call cpu() (FSDP) end here
-        self._run_started = False
-
     def cpu(self) -> CausalLMModule:
-        """Moves the module to the host, except once at the end of each Trainer run.
+        """Moves the module to the host, unless Lightning's strategy teardown asks.
 
         Lightning's single-device and DDP strategies call ``cpu()`` when fit, validate or test ends (also
         after an exception), to free the GPU. For a 4-bit base that copies every weight into host memory:
         38 GiB for a 70B model, measured, at the end of a run that loaded with ~5 GiB, and before the final
-        adapters are written. That one call leaves the model where it trained (said once); ``cpu()`` called
-        afterwards moves it.
+        adapters are written. That call leaves the model where it trained (and says so); any other call
+        (yours, at any time) moves it.
         """
-        if self._run_started and self.model is not None:
-            self._run_started = False
-            device = next(self.model.parameters()).device
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "teardown" and isinstance(caller.f_locals.get("self"), Strategy):
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
             if device.type != "cpu":
-                from lightning.pytorch.utilities import rank_zero_info
-
                 rank_zero_info(
                     f"lightning-qlora: the model stays on {device} after the run (moving a 4-bit base to the host "
                     "copies all of it into host memory); call module.cpu() to move it"

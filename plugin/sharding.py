@@ -173,7 +173,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
         ends = [getattr(root, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
         ends = [m for m in ends if isinstance(m, nn.Module) and _has_parameters(m)]
         if len(ends) == 2 and ends[0].weight is ends[1].weight and not ends[0].weight.requires_grad:
-            untied += _untie(*ends, device)
+            untied += _untie(*ends)
         if len(ends) == 2 and ends[0].weight is not ends[1].weight:
             for end in ends:
                 end.to(device)
@@ -201,10 +201,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
 
 
 @torch.no_grad()
-def _untie(embedding: nn.Module, head: nn.Module, device: torch.device) -> int:
+def _untie(embedding: nn.Module, head: nn.Module) -> int:
     """Gives a frozen head tied to the embedding its own copy of the weight (FSDP2 cannot shard one parameter
-    in two units); returns the bytes copied. Both stay frozen, so they hold the same values for good."""
-    embedding.to(device)
+    in two units); returns the bytes copied. The copy is made where the weight is (the host, before the
+    layers move), so the GPU holds one whole copy at a time while each is moved and sharded. Both stay
+    frozen, so they hold the same values (unless the embedding is unfrozen or resized afterwards)."""
     head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     return head.weight.numel() * head.weight.element_size()
 

@@ -285,10 +285,11 @@ def _unequal_lengths(rank: int, root: str, model: Any) -> str:
 
 
 @pytest.mark.slow
-def test_ranks_with_other_lengths_or_no_target_call_the_sharded_head_equally_often(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_ranks_with_other_lengths_or_no_target_call_the_sharded_head_equally_often(tmp_path, tied):
     """Padding makes batches differ in length between ranks, and a rank may hold no target: the chunked
     loss must still gather the head as often on every rank (else FSDP's collectives hang)."""
-    save_tiny_llama(tmp_path / "m", tie_word_embeddings=False)
+    save_tiny_llama(tmp_path / "m", tie_word_embeddings=tied)
     done = _run_two_ranks(_unequal_lengths, tmp_path, "a collective they did not all call")
     (loss0, n0), (loss1, n1) = (d.split() for d in done)
     assert int(n0) == 2 * 23 and int(n1) == 0 and float(loss1) == 0.0 and float(loss0) > 0
@@ -302,15 +303,15 @@ def _generate_own_length(rank: int, root: str, model: Any) -> str:
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(f"{root}/m")
     tokenizer.eos_token_id = None  # no early stop: each rank runs to its own max_new_tokens
-    (text,) = generate(model, tokenizer, "ab", max_new_tokens=2 + 4 * rank, greedy=True, synced_gpus=True)
+    (text,) = generate(model, tokenizer, "ab", max_new_tokens=2 + 4 * rank, greedy=True)  # synced: sharded
     return str(len(tokenizer(text, add_special_tokens=False).input_ids))
 
 
 @pytest.mark.slow
 def test_sharded_ranks_that_finish_generating_at_other_steps_do_not_hang(tmp_path):
     """Under FSDP each generated token is a forward that gathers weights from every rank: a rank done early
-    (its prompts ended, or fewer tokens) must keep joining them (``synced_gpus``), which ``SampleGeneration``
-    asks for under sharding."""
+    (its prompts ended, or fewer tokens) must keep joining them (``synced_gpus``, which ``generate`` turns on
+    for a model sharded over several processes, as ``SampleGeneration`` runs it)."""
     save_tiny_llama(tmp_path / "m", tokenizer=True)
     short, long = map(
         int, _run_two_ranks(_generate_own_length, tmp_path, "a gather one rank no longer joined")
