@@ -318,7 +318,11 @@ def _ours_under(args, name: str, mode: str, directory: Path, budget: float) -> l
     """Ours under a budget, at the model's batch and at twice it (the reference may raise its batch too):
     ``activation_checkpointing=auto`` picks the checkpointing for each; a batch it cannot fit says so."""
     b0 = MODELS[name]["batch"]
-    rows = [_run_job(args, name, mode, directory, b, budget) for b in (b0, 2 * b0)]
+    return _over_budget([_run_job(args, name, mode, directory, b, budget) for b in (b0, 2 * b0)], budget)
+
+
+def _over_budget(rows: list[Result], budget: float) -> list[Result]:
+    """``rows``, each that peaked above ``budget`` marked as an error (not a result under the budget)."""
     for r in rows:
         if not r.error and r.peak_gib > budget:
             r.error = f"over budget: peak {r.peak_gib:.2f} GiB"
@@ -339,10 +343,7 @@ def _best_reference_under(args, name: str, mode: str, directory: Path, budget: f
         fit = int(b0 + (budget - ok[0].peak_gib) / per_seq)
         if fit > 2 * b0:
             rows.append(_run_job(args, name, mode, directory, fit, budget))
-    for r in rows:
-        if not r.error and r.peak_gib > budget:
-            r.error = f"over budget: peak {r.peak_gib:.2f} GiB"
-    return rows
+    return _over_budget(rows, budget)
 
 
 def build_parser() -> argparse.ArgumentParser:

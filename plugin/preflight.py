@@ -132,13 +132,7 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     """
     resolve_model_source(cfg)
     plugin = check_settings(cfg)
-    ckpt = (
-        check_checkpoint(
-            cfg.ckpt_path, plugin, sharded=str(cfg.trainer.strategy) == FSDP2Strategy.strategy_name
-        )
-        if cfg.ckpt_path
-        else None
-    )
+    ckpt = check_checkpoint(cfg.ckpt_path, plugin, sharded=_sharded(cfg)) if cfg.ckpt_path else None
     hf_config = check_model_source(cfg)
     if not builds_from_config(cfg):  # a 4-bit checkpoint must match the quant settings: known before loading
         from .checkpoint4bit import preflight_checkpoint
@@ -178,6 +172,11 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     return {"plugin": plugin, "tokenizer": tokenizer, "datamodule": datamodule, "module": module}
 
 
+def _sharded(cfg: DictConfig) -> bool:
+    """The run shards the model (``trainer=fsdp``: ``FSDP2Strategy``)."""
+    return str(cfg.trainer.strategy) == FSDP2Strategy.strategy_name
+
+
 def _processes(cfg: DictConfig) -> int:
     """The processes the run trains with (each takes its share of the data): devices x nodes."""
     from .estimate import trainer_devices
@@ -192,7 +191,7 @@ def _check_memory_budget(cfg: DictConfig, hf_config: Any, plugin: Any) -> None:
         return
     from .module import plan_checkpointing
 
-    sharded = str(cfg.trainer.strategy) == FSDP2Strategy.strategy_name
+    sharded = _sharded(cfg)
     estimate = plan_checkpointing(
         typed(cfg.model), hf_config, cfg.data.batch_size, cfg.data.max_length, plugin,
         dtype_bytes=plugin.dtype.itemsize, devices=_processes(cfg) if sharded else 1, sharded=sharded,
@@ -266,7 +265,7 @@ def check_strategy(cfg: DictConfig) -> None:
             f"use trainer=fsdp (trainer.strategy={FSDP2Strategy.strategy_name}: FSDP2 through Lightning's "
             "ModelParallelStrategy, with the trainer.fsdp.* settings)"
         )
-    if strategy != FSDP2Strategy.strategy_name:
+    if not _sharded(cfg):
         changed = [
             f"trainer.fsdp.{f.name}={getattr(cfg.trainer.fsdp, f.name)!r}"
             for f in dataclasses.fields(FSDPConfig)

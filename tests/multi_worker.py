@@ -132,7 +132,7 @@ class Recorder(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial_digest = digest(adapter_tensors(pl_module))
-        self.device = str(pl_module.device)  # where it trained (DDP's teardown moves the module to the host)
+        self.device = str(pl_module.device)  # where it trains, read while it does
         if pl_module.device.type == "cuda":  # what the GPU holds before the first step: weights and adapters
             self.cuda_start_bytes = torch.cuda.memory_allocated(pl_module.device)
             torch.cuda.reset_peak_memory_stats(pl_module.device)
