@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .callbacks import host_peak_rss
+from .host_memory import host_peak_rss
 
 MODELS: dict[str, dict[str, Any]] = {
     "7b": dict(

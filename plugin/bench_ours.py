@@ -31,7 +31,7 @@ from .bench_common import (
     sync,
     trainable_bytes,
 )
-from .callbacks import HostMemorySampler
+from .host_memory import HostMemorySampler
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:

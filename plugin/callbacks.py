@@ -9,7 +9,6 @@ adapters in PEFT's format whenever the Trainer checkpoints.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -17,99 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import psutil
 import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from .adapters import recover_directories, save_adapter
+from .host_memory import host_peak_rss, host_rss
 from .sharding import gathered_adapters, is_sharded
 
 GIB = 1024**3
-
-
-def _host_rss() -> int:
-    return psutil.Process(os.getpid()).memory_info().rss
-
-
-def host_peak_rss() -> int:
-    """This process's peak resident memory in bytes.
-
-    Linux's ``VmHWM`` where there is one: ``ru_maxrss`` survives ``exec`` and counts the parent's memory
-    at the fork, so a process started by a large one would report the parent's peak as its own.
-    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-class HostMemorySampler:
-    """Peaks of this process's resident memory by kind, sampled from a daemon thread while entered (Linux).
-
-    ``VmHWM`` cannot tell a process's own allocations from the pages of the memory-mapped files it read
-    (a safetensors checkpoint): this keeps ``RssAnon`` (allocations) and ``RssFile`` (mapped file pages,
-    which the kernel may drop and read again) apart, each with its own peak since the last :meth:`reset`
-    (so the two peaks may come from different moments), and the peak of ``total`` (anon + file + shmem,
-    i.e. ``VmRSS``). Where ``/proc/self/status`` has no such fields, :attr:`available` is False. Use once.
-
-    Args:
-        interval: seconds between samples.
-    """
-
-    def __init__(self, interval: float = 0.05) -> None:
-        import threading
-
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="host-memory-sampler")
-        self.available = self.sample() is not None
-        self.reset()
-
-    @staticmethod
-    def sample() -> dict[str, int] | None:
-        """``anon``, ``file`` and ``total`` resident bytes now, or None where the kernel does not say."""
-        fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
-        out: dict[str, int] = {}
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    key = fields.get(line.split(":", 1)[0])
-                    if key:
-                        out[key] = int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        if "anon" not in out or "file" not in out:
-            return None
-        return {"anon": out["anon"], "file": out["file"], "total": sum(out.values())}
-
-    def reset(self) -> None:
-        """Starts the peaks afresh from now (:attr:`start` holds this moment's sample)."""
-        with self._lock:
-            self.start = self.sample() or {"anon": 0, "file": 0, "total": 0}
-            self.peak = dict(self.start)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            now = self.sample()
-            with self._lock:
-                for key, value in (now or {}).items():
-                    self.peak[key] = max(self.peak[key], value)
-
-    def __enter__(self) -> HostMemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _count_tokens(batch: Any) -> tuple[int, int]:
@@ -233,7 +148,7 @@ class MemoryMonitor(Callback):
 
     def memory_metrics(self, cuda: torch.device | None = None) -> dict[str, float]:
         """Current memory in GiB; GPU keys only where CUDA is in use."""
-        rss, peak_rss = _host_rss(), host_peak_rss()
+        rss, peak_rss = host_rss(), host_peak_rss()
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss, peak_rss)
         metrics = {"mem/host_rss_gib": rss / GIB, "mem/host_peak_rss_gib": self.peak_rss_bytes / GIB}
         if cuda is not None:
@@ -422,11 +337,7 @@ class SampleGeneration(Callback):
         was_training = model.training
         try:
             return generate(
-                model,
-                self.tokenizer,
-                self.prompts,
-                max_new_tokens=self.max_new_tokens,
-                greedy=True,
+                model, self.tokenizer, self.prompts, max_new_tokens=self.max_new_tokens, greedy=True
             )
         except Exception as err:  # a sample is a nicety; never lose a run to it
             _warn_once(f"sample generation failed: {err}")

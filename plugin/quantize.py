@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from .callbacks import host_peak_rss
 from .checkpoint4bit import (
     progress_bar,
     quantization_method,
@@ -30,6 +29,7 @@ from .checkpoint4bit import (
     weight_files,
 )
 from .checkpoint4bit_write import ShardWriter, copy_side_files, staged_output, write_config
+from .host_memory import host_peak_rss
 from .messages import EXIT_USAGE, one_line
 from .nf4 import (
     BLOCKSIZES,

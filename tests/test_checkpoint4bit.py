@@ -574,7 +574,7 @@ def _write_16bit(path: Path, layers: int, shard_bytes: int) -> int:
 _PEAK = """
 import json, sys
 import bitsandbytes.functional as F, torch, transformers.models.llama.modeling_llama
-from lightning_qlora.callbacks import host_peak_rss
+from lightning_qlora.host_memory import host_peak_rss
 from lightning_qlora.quantize import main
 F.quantize_4bit(torch.randn(256, 256, dtype=torch.bfloat16), quant_type="nf4")  # first-call setup, not data
 base = host_peak_rss()
