@@ -130,6 +130,14 @@ class QLoRAPrecision(Precision):
         return _DtypeContextManager(self.dtype)
 
     @override
+    def backward(self, tensor: Tensor, model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        # Under the forward's default dtype: activation checkpointing recomputes layers in here. Under another
+        # one a compiled block recompiled in the recompute (dynamo guards on it) and saved another number of
+        # tensors than its forward had: a CheckpointError with DDP on 2 H200s (1B shapes, transformers 5.17).
+        with _DtypeContextManager(self.dtype):
+            super().backward(tensor, model, optimizer, *args, **kwargs)
+
+    @override
     def convert_input(self, data: Any) -> Any:
         return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
 

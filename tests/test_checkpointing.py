@@ -94,6 +94,26 @@ def test_every_mode_gives_the_gradients_of_no_checkpointing(mode):
         torch.testing.assert_close(grads[mode][name], grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["full", "offload"])
+def test_the_recompute_runs_under_the_default_dtype_of_its_forward(mode):
+    """The plugin sets the default dtype around the forward, and around the backward, where checkpointing
+    recomputes each layer: under another default dtype a compiled block recompiled there and saved another
+    number of tensors than in its forward (a ``CheckpointError`` with DDP on 2 H200s)."""
+    plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype="bfloat16"), lora=LoRAConfig(r=4))
+    module = _module()
+    set_activation_checkpointing(module.model, mode)
+    seen: list[torch.dtype] = []
+    for layer in decoder_layers(module.model):
+        layer.mlp.register_forward_pre_hook(lambda *_: seen.append(torch.get_default_dtype()))
+    with plugin.forward_context():
+        loss, _ = module._loss(_batch())
+    assert len(seen) == LAYERS and torch.get_default_dtype() == torch.float32
+    plugin.backward(loss, module, None)
+    assert torch.get_default_dtype() == torch.float32
+    assert seen == [torch.bfloat16] * 2 * LAYERS
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
 def test_gradient_checkpointing_true_still_means_full():
     module = CausalLMModule(from_config={"model_type": "llama", **TINY}, gradient_checkpointing=True)
     assert module.config.activation_checkpointing == "full"
