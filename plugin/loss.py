@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # labels that take no loss (prompt, padding); PyTorch's and transformers' value
 
@@ -176,9 +175,14 @@ def _sharded_head_loss(
     n: int,
 ) -> tuple[Tensor, int]:
     """The chunked loss under FSDP2: the model's own forward (FSDP's root hooks run; the head computes one
-    position), the backbone's output taken by a hook, then the head (a unit of its own) called chunk by
-    chunk under activation checkpointing, so FSDP gathers its weight around each call and no chunk's logits
-    outlive it."""
+    position), the backbone's output taken by a hook, then the head's weight gathered once, explicitly, for
+    :func:`linear_cross_entropy` over every chunk, and resharded. Each rank gathers the head exactly twice in
+    the forward (its unit's own call and this one) and once in the backward, whatever its batch holds, so the
+    ranks' collectives match even when their batches are padded to other lengths or hold no target.
+
+    Gathering per chunk instead (each chunk a call of the head under activation checkpointing) cost 8 gathers
+    of the head per step on the 1B shapes: 81% scaling on 2 H200s against 99% with full logits.
+    """
     captured: list[Tensor] = []
     handle = backbone.register_forward_hook(lambda module, args, out: captured.append(out[0]))
     try:
@@ -190,27 +194,14 @@ def _sharded_head_loss(
     # The one-position logits join the graph at zero weight (FSDP2 expects a backward through every output
     # of a unit it gathered); masked so an infinite logit cannot turn the zero into NaN.
     zero = torch.where(torch.isfinite(last), last, 0.0).float().sum() * 0.0
-    hidden = captured[-1][:, :-1].reshape(-1, captured[-1].shape[-1])
-    targets = labels[:, 1:].reshape(-1)
-    chunk = chunk_size if chunk_size > 0 else max(hidden.shape[0], 1)
-    # Every call of the head all-gathers its weight (and again in the backward's recompute): all ranks must
-    # call it equally often, though their batches may be padded to other lengths or hold no target at all.
-    chunks = -(-hidden.shape[0] // chunk)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        count = torch.tensor(chunks, device=hidden.device)
-        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-        chunks = int(count)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, chunks * chunk, chunk):  # past the end: empty chunks, gathered all the same
-        total = total + checkpoint(
-            _chunk_nll,
-            head,
-            hidden[start : start + chunk],
-            targets[start : start + chunk],
-            use_reentrant=False,
-        )
-    return total / max(n, 1) + zero, n
-
-
-def _chunk_nll(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    hidden = captured[-1]
+    head.unshard()  # a collective: every rank, once per step
+    try:
+        if n == 0:  # keeps the graph (and the gradient sync) alive on a batch with no target
+            loss = hidden.sum() * 0.0
+        else:
+            chunk = chunk_size if chunk_size > 0 else hidden.shape[0] * hidden.shape[1]
+            loss = linear_cross_entropy(hidden, head.weight, labels, chunk)
+    finally:
+        head.reshard()
+    return loss + zero, n

@@ -190,7 +190,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, device: torch.device, config
     if untied:
         rank_zero_info(
             f"lightning-qlora: FSDP2 shards the frozen output head apart from the embedding it was tied to (a copy of "
-            f"the same values, {untied / 2**20:.0f} MiB before sharding) so the loss gathers it chunk by chunk"
+            f"the same values, {untied / 2**20:.0f} MiB before sharding) so the loss can gather it on its own"
         )
     if viewed:
         rank_zero_info(

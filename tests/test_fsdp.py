@@ -181,7 +181,7 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
 @pytest.mark.parametrize("tied", [False, True])
 def test_the_sharded_loss_takes_the_chunked_path_and_equals_the_unsharded_loss(tmp_path, tied):
     """One process (gloo): ``shard_model`` makes the head a unit of its own (a tied one gets its own copy of
-    the weight), so ``causal_lm_loss`` takes the chunked path (FSDP gathers the head around each chunk, no
+    the weight), so ``causal_lm_loss`` takes the chunked path (the head gathered once for all chunks, no
     full-vocabulary logits), and it computes the unsharded model's loss and adapter gradients."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
