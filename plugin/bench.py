@@ -245,7 +245,9 @@ def _run_job(args: argparse.Namespace, name: str, mode: str, directory: Path, ba
         tail = (stderr or stdout).strip().splitlines()[-3:]
         if timed_out:
             tail.append(f"timed out after {args.job_timeout:g} s (--job-timeout)")
-        print(f"[bench] {name}/{mode}{on} batch {batch or 'default'} FAILED:\n" + "\n".join(tail), flush=True)
+        log = _failure_log(directory, mode, batch, devices, strategy, stdout, stderr)
+        print(f"[bench] {name}/{mode}{on} batch {batch or 'default'} FAILED (whole output: {log}):\n"
+              + "\n".join(tail), flush=True)  # fmt: skip
         oom = "OutOfMemoryError" in (stderr or "")
         return Result(name, mode, 0, 0, 0, 0, 0, 0, 0, 0, error="out of memory" if oom else " ".join(tail)[-200:],
                       batch=batch, budget_gib=budget, devices=devices,
@@ -260,6 +262,22 @@ def _run_job(args: argparse.Namespace, name: str, mode: str, directory: Path, ba
         flush=True,
     )
     return result
+
+
+def _failure_log(
+    directory: Path, mode: str, batch: int, devices: int, strategy: str, stdout: str, stderr: str
+) -> Path:
+    """A failed job's whole stdout and stderr, next to its model's checkpoint: the table keeps only the last lines."""
+    where = directory.parent if os.access(directory.parent, os.W_OK) else Path(tempfile.gettempdir())
+    parts = [
+        directory.name,
+        mode,
+        f"b{batch}" if batch else "",
+        f"{devices}x{strategy}" if devices > 1 else "",
+    ]
+    path = where / ("failed-" + "-".join(p for p in parts if p) + ".log")
+    path.write_text(f"$ stdout\n{stdout}\n$ stderr\n{stderr}")
+    return path
 
 
 def _not_run(name: str, mode: str, why: str, devices: int = 1, strategy: str = "") -> Result:

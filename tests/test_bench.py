@@ -232,6 +232,16 @@ def test_job_commands_start_ours_as_one_process_and_the_reference_under_torchrun
     )
 
 
+def test_a_failed_job_keeps_its_whole_output_in_a_file_the_row_names(tmp_path, capsys):
+    """The table keeps a failure's last lines; the whole stderr (the traceback of a rank) goes to a file."""
+    args = build_parser().parse_args(["--cpu", "--steps", "1", "--warmup", "0"])
+    row = _run_job(args, "tiny", "ours", tmp_path / "no-such-checkpoint")
+    assert row.error and not row.tokens_per_s
+    (log,) = tmp_path.glob("failed-*.log")
+    assert log.name == "failed-no-such-checkpoint-ours.log" and str(log) in capsys.readouterr().out
+    assert "Traceback" in log.read_text() and "no-such-checkpoint" in log.read_text()
+
+
 def _row(mode: str, devices: int = 1, strategy: str = "", **kw) -> Result:
     return Result("7b", mode, 4096 * devices, 10000.0 * devices, 0.41, 6.0, 30.0, 4.0, 10.4, 10.3, batch=2,
                   checkpointing="full", devices=devices, strategy=strategy, **kw)  # fmt: skip
