@@ -134,13 +134,17 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self.merged:
             return base(x)
+        if isinstance(base, Linear4bit) and _FUSED and torch.compiler.is_compiling():
+            # One opaque op for base and adapter under torch.compile too, for the same reason as below.
+            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
+            out = base.compiled_matmul(x, lora=(xd, self.lora_A.weight, self.lora_B.weight, self.scaling))
+            return out if base.bias is None else out + base.bias.to(out.dtype)
         if isinstance(base, Linear4bit) and _FUSED and not torch.compiler.is_compiling():
             weight = base.frozen_weight()
         elif type(base) is nn.Linear and not base.weight.requires_grad and _FUSED:
             weight = base.weight
         else:
-            # Any other frozen layer, and 4-bit ones under torch.compile (their matmul is an opaque
-            # op there; compile fuses this composition itself).
+            # Any other frozen layer.
             out = base(x)
             lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
@@ -162,6 +166,7 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     The 4-bit weight is dequantized once in the forward and once in the backward and never saved;
     what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
     The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
+    Under torch.compile the same arithmetic runs as the opaque op ``nf4.dequantize_matmul_lora``.
     """
 
     @staticmethod

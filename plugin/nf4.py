@@ -208,6 +208,89 @@ def _dequantize_matmul_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, 
 dequantize_matmul.register_autograd(_dequantize_matmul_backward, setup_context=_dequantize_matmul_setup)
 
 
+# The base matmul and its adapter as one opaque op: the adapter's product is accumulated into the base output
+# by the GEMM (addmm_) instead of written apart and summed by a compiled kernel (two more passes over the
+# output per layer and pass), and the two input gradients likewise. Same arithmetic as lora's eager
+# _FrozenLinearWithLoRA.
+@torch.library.custom_op("lightning_qlora::dequantize_matmul_lora", mutates_args=())
+def dequantize_matmul_lora(
+    x: Tensor,
+    xd: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float,
+    packed: list[Tensor],
+    blocksize: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    nested_blocksize: int,
+    nested_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """``x @ W.T + (xd @ A.T) @ B.T * scaling`` (``xd`` = ``x`` when ``None``) and ``xd @ A.T``, kept for the
+    backward."""
+    weight = dequantize_packed((blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype), packed)
+    x2 = x.reshape(-1, x.shape[-1])
+    xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+    out = x2 @ weight.to(x.dtype).t()
+    xa = xd2 @ lora_a.to(x.dtype).t()
+    out.addmm_(xa, lora_b.to(x.dtype).t(), alpha=scaling)
+    return out.view(*x.shape[:-1], shape[0]), xa
+
+
+@dequantize_matmul_lora.register_fake
+def _(
+    x,
+    xd,
+    lora_a,
+    lora_b,
+    scaling,
+    packed,
+    blocksize,
+    quant_type,
+    shape,
+    dtype,
+    nested_blocksize,
+    nested_dtype,
+):
+    tokens = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(tokens, lora_a.shape[0])
+
+
+def _dequantize_matmul_lora_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    x, xd, lora_a, lora_b, scaling, packed, *spec = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.same_input = xd is None
+    ctx.scaling, ctx.spec, ctx.n_packed = scaling, spec, len(packed)
+    ctx.x_shape = x.shape
+    ctx.save_for_backward(x if xd is None else xd, output[1], lora_a, lora_b, *packed)
+
+
+def _dequantize_matmul_lora_backward(ctx: Any, grad: Tensor, _grad_xa: Tensor) -> tuple[Tensor | None, ...]:
+    xd, xa, lora_a, lora_b, *packed = ctx.saved_tensors
+    s, dtype = ctx.scaling, grad.dtype
+    g2 = grad.reshape(-1, grad.shape[-1])
+    xd2 = xd.reshape(-1, xd.shape[-1])
+    a16 = lora_a.to(dtype)
+    grad_xa = g2 @ (lora_b.to(dtype) * s)
+    grad_a = (grad_xa.t() @ xd2).to(lora_a.dtype) if ctx.needs_input_grad[2] else None
+    grad_b = (g2.t() @ (xa * s)).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
+    grad_x = grad_xd = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_x = g2 @ dequantize_packed(ctx.spec, packed).to(dtype)
+        if ctx.same_input:
+            grad_x.addmm_(grad_xa, a16)
+        else:
+            grad_xd = (grad_xa @ a16).view(xd.shape)
+        grad_x = grad_x.view(ctx.x_shape)
+    return grad_x, grad_xd, grad_a, grad_b, None, [None] * ctx.n_packed, *([None] * len(ctx.spec))
+
+
+dequantize_matmul_lora.register_autograd(
+    _dequantize_matmul_lora_backward, setup_context=_dequantize_matmul_lora_setup
+)
+
+
 def weight_value(weight: Tensor) -> Tensor:
     """The 16-bit value of a frozen weight: a ``Params4bit`` dequantized, a dense tensor as is."""
     return dequantize(weight) if isinstance(weight, bnb.nn.Params4bit) else weight
@@ -309,8 +392,12 @@ class Linear4bit(nn.Module):
             bnb_quantized=True,
         )
 
-    def compiled_matmul(self, x: Tensor) -> Tensor:
-        """``x @ W.T`` as the opaque :func:`dequantize_matmul` op, which torch.compile traces around.
+    def compiled_matmul(
+        self, x: Tensor, lora: tuple[Tensor | None, Tensor, Tensor, float] | None = None
+    ) -> Tensor:
+        """``x @ W.T`` as the opaque :func:`dequantize_matmul` op, which torch.compile traces around; with
+        ``lora=(xd, A, B, scaling)`` plus the adapter's ``(xd @ A.T) @ B.T * scaling`` in the same op
+        (:func:`dequantize_matmul_lora`; ``xd=None`` is ``x``).
 
         torch.compile sees plain tensors (the packed weight and its QuantState's), never the Params4bit.
         """
@@ -318,7 +405,10 @@ class Linear4bit(nn.Module):
             raise RuntimeError("quantize the model (move it to its device) before compiling it")
         spec, constants = self._packed
         # The packed bytes are read from the module each call: under FSDP2 they are the tensor it all-gathered.
-        return dequantize_matmul(x, [self.weight, *constants], *spec, True)
+        packed = [self.weight, *constants]
+        if lora is not None:
+            return dequantize_matmul_lora(x, *lora, packed, *spec)[0]
+        return dequantize_matmul(x, packed, *spec, True)
 
     def _refresh_packed(self) -> None:
         """Keeps the quantization constants on the module, where FSDP2's swap of ``weight`` cannot drop them.

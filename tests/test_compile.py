@@ -43,6 +43,37 @@ def test_the_compiled_4bit_matmul_is_one_opaque_op_with_its_own_gradient():
     torch.testing.assert_close(grad, torch.ones(2, 3, 48) @ dequantize(layer.weight))
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_compiled_4bit_lora_matmul_is_one_opaque_op_with_its_own_gradients(dropout):
+    """Base and adapter in one op under torch.compile (the adapter's sum accumulated by the GEMM): opcheck's
+    schema, fake-tensor and autograd checks, and the graph calls it, not a separate adapter product."""
+    config = QuantConfig(compute_dtype=torch.float32, blocksize=32)
+    layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 48), config).to("cpu"), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    spec, tensors = packed_weight(layer.base_layer.weight)
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    xd = torch.randn(2, 3, 64, requires_grad=True) if dropout else None
+    a, b = (p.detach().requires_grad_() for p in (layer.lora_A.weight, layer.lora_B.weight))
+    torch.library.opcheck(
+        torch.ops.lightning_qlora.dequantize_matmul_lora, (x, xd, a, b, 2.0, list(tensors), *spec)
+    )
+    out, xa = torch.ops.lightning_qlora.dequantize_matmul_lora(x, xd, a, b, 2.0, list(tensors), *spec)
+    w = dequantize(layer.base_layer.weight)
+    xs = x if xd is None else xd
+    torch.testing.assert_close(out, x @ w.t() + (xs @ a.t()) @ b.t() * 2.0)
+    torch.testing.assert_close(xa, (xs @ a.t()).reshape(6, 4))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(layer, backend=backend)(x)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("lightning_qlora.dequantize_matmul_lora" in t for t in targets), targets
+    assert not any(t.endswith("dequantize_matmul.default") for t in targets), targets
+
+
 def test_a_compiled_lora_layer_matches_eager_outputs_and_gradients():
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
