@@ -1,4 +1,4 @@
-"""Bitsandbytes 4-bit checkpoints in transformers' format: read, checked and loaded.
+"""Bitsandbytes 4-bit checkpoints in transformers' format: their layout, read without loading a weight.
 
 A transformers ``save_pretrained`` of a model loaded with ``BitsAndBytesConfig(load_in_4bit=True)``
 (the ``...-bnb-4bit`` hub repos) has ``quantization_config`` in its config.json and, for every
@@ -7,28 +7,25 @@ state: ``.weight.absmax``, ``.weight.quant_map``, ``.weight.quant_state.bitsandb
 blob: block size, dtype, shape) and, with double quantization, ``.weight.nested_absmax`` and
 ``.weight.nested_quant_map``. Everything else is stored in 16-bit.
 
-* :func:`read_4bit_checkpoint` reads a checkpoint's layout (headers and quant-state blobs, no
-  weights) and refuses an incomplete one; :func:`check_quant` and :func:`preflight_checkpoint`
-  refuse settings that contradict it.
-* :func:`load_pretrained` gives ``CausalLMModule`` the model ready for training from either kind
-  of checkpoint; a 4-bit one is built empty, converted by ``QLoRAPrecision`` and its packed weights
-  are placed into the :class:`~lightning_qlora.Linear4bit` layers as they are, shard by shard,
-  straight onto the device (never re-quantized, never 16-bit on the GPU).
+:func:`read_4bit_checkpoint` reads a checkpoint's layout (headers and quant-state blobs, no weights)
+and refuses an incomplete one. The names a model's state takes in a checkpoint (:func:`named_state`)
+and the loading progress bar are shared with the modules next door:
 
-Writing lives next door: :mod:`.checkpoint4bit_write` (``save_4bit_checkpoint``,
-``write_random_4bit_checkpoint``, the shard writer), :mod:`.checkpoint4bit_merge` (an adapter
-merged into a 4-bit checkpoint, streamed) and :mod:`lightning_qlora.quantize`
-(``lightning-qlora-quantize``, one made from a 16-bit checkpoint).
+* :mod:`.checkpoint4bit_check`: plugin settings held against a checkpoint (``check_quant``,
+  ``preflight_checkpoint``, ``checkpoint_quant``);
+* :mod:`.checkpoint4bit_load`: ``load_pretrained``, a 16-bit or 4-bit checkpoint loaded for training;
+* :mod:`.checkpoint4bit_write` (``save_4bit_checkpoint``, ``write_random_4bit_checkpoint``, the shard
+  writer), :mod:`.checkpoint4bit_merge` (an adapter merged into a 4-bit checkpoint, streamed) and
+  :mod:`lightning_qlora.quantize` (``lightning-qlora-quantize``, one made from a 16-bit checkpoint).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +35,7 @@ from torch import Tensor, nn
 
 from .nf4 import (
     SERIALIZED_PARTS,
-    Linear4bit,
     QuantConfig,
-    deferred_linear_init,
-    name_matches,
-    named_linears,
 )
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -312,336 +305,6 @@ def read_4bit_checkpoint(path: str | os.PathLike, where: str = "") -> Checkpoint
     return Checkpoint4bit(path, config, files, tensors, layers, quant, shapes)
 
 
-def _short_skip_list(keep: Sequence[str], linears: Sequence[str]) -> list[str]:
-    """The shortest ``skip_modules`` spelling that selects exactly ``keep`` among ``linears``: leaf names where possible."""
-    keep_set, out = set(keep), []
-    for name in keep:
-        leaf = name.rsplit(".", 1)[-1]
-        if {n for n in linears if name_matches(n, [leaf])} <= keep_set:
-            name = leaf
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def check_quant(
-    ckpt: Checkpoint4bit, quant: QuantConfig | None, linears: Sequence[str], where: str = "model.name_or_path"
-) -> None:
-    """Refuses plugin settings that contradict what a 4-bit checkpoint holds, naming every difference.
-
-    The packed bytes fix the quantization type, block size, double quantization and which layers
-    are 4-bit: honouring other settings would need the 16-bit weights. The compute dtype only
-    decides the arithmetic, so the plugin's is used; the storage dtype only reinterprets the same
-    bytes, so the plugin's is used too (FSDP wants the compute dtype there).
-
-    Args:
-        ckpt: the checkpoint (:func:`read_4bit_checkpoint`).
-        quant: the plugin's settings; None (16-bit LoRA) is refused.
-        linears: qualified names of the model's linear layers.
-        where: the setting that named the checkpoint, for the message.
-
-    Raises:
-        ValueError: one line with the differences and the overrides that match the checkpoint.
-    """
-    src = f"{where}='{ckpt.path}' is a 4-bit ({ckpt.quant.quant_type}) checkpoint"
-    if quant is None or not quant.enabled:
-        raise ValueError(
-            f"{src}, but quant=none asks for 16-bit base weights; use quant={ckpt.quant.quant_type} or point it at "
-            "the 16-bit model"
-        )
-    theirs = ckpt.quant
-    diffs, fixes = [], []
-
-    def shown(value: Any) -> str:  # as a Hydra override spells it
-        return str(value).lower() if isinstance(value, bool) else str(value)
-
-    for key in ("quant_type", "blocksize", "double_quant"):
-        mine, file = getattr(quant, key), getattr(theirs, key)
-        if mine != file:
-            diffs.append(f"quant.{key}: checkpoint {shown(file)}, plugin {shown(mine)}")
-            fixes.append(f"quant.{key}={shown(file)}")
-    quantized = set(ckpt.layers)
-    unknown = sorted(quantized - set(linears))
-    if unknown:
-        raise ValueError(
-            f"{src} whose 4-bit weights {unknown[:3]} are not linear layers of the model its config.json builds; "
-            "the checkpoint does not match its own config"
-        )
-    wanted = {n for n in linears if not name_matches(n, quant.skip_modules)}
-    kept = [n for n in linears if n not in quantized]
-    if wanted != quantized:
-        would_quantize = sorted(wanted - quantized)
-        would_keep = sorted(quantized - wanted)
-        if would_quantize:
-            diffs.append(f"16-bit in the checkpoint, quantized by quant.skip_modules: {would_quantize[:4]}")
-        if would_keep:
-            diffs.append(f"4-bit in the checkpoint, kept 16-bit by quant.skip_modules: {would_keep[:4]}")
-        fixes.append(f"quant.skip_modules=[{','.join(_short_skip_list(kept, linears))}]")
-    if diffs:
-        raise ValueError(
-            f"{src} and the quantization settings contradict it ({'; '.join(diffs)}); set {' '.join(fixes)} to "
-            "use it as quantized, or point it at the 16-bit model to quantize with other settings"
-        )
-
-
-def _other_method(src: str, method: str) -> str:
-    return (
-        f"{src} is quantized with {method}; lightning-qlora trains from a 16-bit checkpoint or a bitsandbytes "
-        "4-bit one (lightning-qlora-quantize makes one from the 16-bit model)"
-    )
-
-
-def preflight_checkpoint(
-    path: str | os.PathLike,
-    quant: QuantConfig | None,
-    trust_remote_code: bool = False,
-    where: str = "model.name_or_path",
-) -> str | None:
-    """Checks, before anything loads, that a local checkpoint can train under ``quant``.
-
-    Reads config.json, the safetensors headers and the 4-bit layers' quant-state blobs, and builds
-    the model on the meta device for its layer names: no weights are read.
-
-    Returns:
-        :data:`BNB_4BIT` for a bitsandbytes 4-bit checkpoint, None for a 16-bit one (or a hub id,
-        which is checked when it loads).
-
-    Raises:
-        ValueError: another quantization method, or settings that contradict a 4-bit checkpoint
-            (:func:`check_quant`).
-    """
-    local = os.path.expanduser(str(path))
-    if not os.path.isdir(local):
-        return None
-    method = quantization_method(read_config(local, where))
-    if method is None:
-        return None
-    if method != BNB_4BIT:
-        raise ValueError(_other_method(f"{where}={str(path)!r}", method))
-    check_quant(read_4bit_checkpoint(local, where), quant, linear_names(local, trust_remote_code), where)
-    return method
-
-
-def linear_names(path: str | os.PathLike, trust_remote_code: bool = False) -> list[str]:
-    """The linear layers of the model a checkpoint's config.json describes (built on meta: no memory)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return [n for n, _ in named_linears(skeleton)]
-
-
-def checkpoint_quant(
-    path: str | os.PathLike, compute_dtype: Any = None, trust_remote_code: bool = False, where: str = ""
-) -> QuantConfig:
-    """The :class:`QuantConfig` a 4-bit checkpoint was quantized with, ``skip_modules`` included.
-
-    What to build ``QLoRAPrecision`` with to train from (or run) the checkpoint as it is: it passes
-    :func:`check_quant` by construction.
-
-    Args:
-        path: the checkpoint directory.
-        compute_dtype: the compute dtype (default: the checkpoint's ``bnb_4bit_compute_dtype``).
-        trust_remote_code: passed to transformers.
-        where: the setting that named it, for messages.
-
-    Raises:
-        ValueError: not a complete bitsandbytes 4-bit checkpoint (:func:`read_4bit_checkpoint`).
-    """
-    ckpt = read_4bit_checkpoint(path, where)
-    linears = linear_names(path, trust_remote_code)
-    kept = [n for n in linears if n not in ckpt.layers]
-    changes: dict[str, Any] = {"skip_modules": _short_skip_list(kept, linears)}
-    if compute_dtype is not None:
-        changes["compute_dtype"] = compute_dtype
-    return QuantConfig(**{**ckpt.quant.to_dict(), **changes})
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def load_pretrained(
-    path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    plugin: Any = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> nn.Module:
-    """The HF causal LM of a 16-bit or a bitsandbytes 4-bit checkpoint, ready for training.
-
-    A 16-bit checkpoint loads as ``CausalLMModule`` always loaded it: ``from_pretrained`` on the host
-    (memory-mapped); inside ``QLoRAPrecision``'s init context each linear weight is quantized on its
-    way to the accelerator. A 4-bit checkpoint is built empty from its config (without transformers'
-    own quantizer), converted by ``plugin`` and its packed weights are placed, shard by shard, into
-    the :class:`~lightning_qlora.Linear4bit` layers on ``device``; the host holds about one tensor
-    of it at a time.
-
-    Args:
-        path: a local directory or a hub id.
-        dtype: dtype of the 16-bit weights (default: the current default dtype, which the plugin's
-            init context sets to its compute dtype).
-        revision: hub revision.
-        trust_remote_code: passed to transformers.
-        attn_implementation: passed to transformers.
-        plugin: the ``QLoRAPrecision`` the model trains under; required for a 4-bit checkpoint, whose
-            settings it must match (:func:`check_quant`).
-        device: where a 4-bit checkpoint's weights go (default: the current default device, i.e. the
-            Trainer's root device inside ``configure_model``; the host if that is ``meta``).
-        progress: show a progress bar (bytes and layers) while a 4-bit checkpoint loads.
-
-    Raises:
-        FileNotFoundError: a local-looking path that does not exist.
-        ValueError: a checkpoint quantized otherwise (GPTQ, 8-bit, ...), or plugin settings that
-            contradict a 4-bit checkpoint.
-    """
-    from transformers import AutoModelForCausalLM
-
-    name = str(path)
-    source, method = locate_checkpoint(name, revision, trust_remote_code)
-    dtype = dtype if dtype is not None else torch.get_default_dtype()
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if method == BNB_4BIT:
-        return load_4bit_checkpoint(source, plugin, dtype=dtype, device=device, progress=progress, **kwargs)
-    if method is not None:
-        raise ValueError(_other_method(f"model.name_or_path={name!r}", method))
-    return AutoModelForCausalLM.from_pretrained(
-        source, dtype=dtype, revision=revision, device_map="cpu", **kwargs
-    )
-
-
-def locate_checkpoint(
-    name: str | os.PathLike,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    where: str = "model.name_or_path",
-) -> tuple[str, str | None]:
-    """Where a model loads from, and how it is quantized (:func:`quantization_method`).
-
-    A local directory is read as it is. For a hub id only the config is fetched, unless it is a
-    bitsandbytes 4-bit checkpoint: then its config and safetensors files are downloaded, since
-    those are read directly (transformers' loader is not used for them).
-
-    Args:
-        name: a local directory or a hub id.
-        revision: hub revision.
-        trust_remote_code: passed to transformers.
-        where: the setting that named it, for messages.
-
-    Returns:
-        The local directory (or the hub id of a 16-bit model) and the quantization method (None: 16-bit).
-
-    Raises:
-        FileNotFoundError: a local-looking path that does not exist.
-    """
-    from .hub import looks_local
-
-    name = str(name)
-    local = os.path.expanduser(name)
-    if looks_local(name) and not os.path.isdir(local):
-        raise FileNotFoundError(f"{where}={name!r} does not exist")
-    method = _method_of(name, local, revision, trust_remote_code)
-    if os.path.isdir(local):
-        return local, method
-    return (_download(name, revision) if method == BNB_4BIT else name), method
-
-
-def _method_of(name: str, local: str, revision: str | None, trust_remote_code: bool) -> str | None:
-    if os.path.isdir(local):
-        return quantization_method(read_config(local))
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    qc = getattr(config, "quantization_config", None)
-    if qc is None:
-        return None
-    return quantization_method({"quantization_config": qc if isinstance(qc, dict) else qc.to_dict()})
-
-
-def _download(repo: str, revision: str | None) -> str:
-    """A hub 4-bit checkpoint's config and safetensors files, in the local hub cache."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo, revision=revision, allow_patterns=["*.json", "*.safetensors"])
-
-
-def build_empty(config: Any, dtype: torch.dtype, device: torch.device, **kwargs: Any) -> nn.Module:
-    """The model of ``config`` with its linear weights on the meta device (placed on ``device`` when loaded).
-
-    Embeddings, norms and buffers are allocated on ``device`` but not initialised (they are loaded
-    next); rotary tables and other computed buffers are computed there as usual.
-    """
-    from lightning.fabric.plugins.precision.utils import _DtypeContextManager
-    from lightning.fabric.utilities.init import _EmptyInit
-    from transformers import AutoModelForCausalLM
-
-    config = copy.deepcopy(config)
-    # Built as a plain model: the plugin converts it, not transformers' quantizer.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with _EmptyInit(enabled=True), torch.device(device), deferred_linear_init(), _DtypeContextManager(dtype):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    for _, layer in named_linears(model):
-        layer.target_device = device  # adapters and weights are created where the model will live
-    return model
-
-
-def load_4bit_checkpoint(
-    path: str | os.PathLike,
-    plugin: Any,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    **kwargs: Any,
-) -> nn.Module:
-    """A 4-bit checkpoint built empty, converted by ``plugin`` and loaded without re-quantizing.
-
-    Args:
-        path: the checkpoint directory.
-        plugin: a ``QLoRAPrecision`` whose quantization settings match the checkpoint.
-        dtype: dtype of the 16-bit weights (default: the plugin's compute dtype).
-        device: where the weights go (default: the current default device; the host if that is meta).
-        progress: show a progress bar.
-        **kwargs: passed to ``AutoModelForCausalLM.from_config`` (``attn_implementation``, ...).
-
-    Raises:
-        ValueError: the plugin's settings contradict the checkpoint, or its tensors do not fit the model.
-    """
-    from transformers import AutoConfig
-
-    ckpt = read_4bit_checkpoint(path)
-    quant = getattr(plugin, "quant", None)
-    if plugin is None or not hasattr(plugin, "convert_module"):
-        raise ValueError(
-            f"'{path}' is a 4-bit checkpoint: load it under QLoRAPrecision (give plugin=QLoRAPrecision(...))"
-        )
-    dtype = dtype or getattr(plugin, "dtype", None) or torch.get_default_dtype()
-    device = _resolve_device(device)
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=kwargs.get("trust_remote_code", False))
-    model = build_empty(config, dtype, device, **kwargs)
-    linears = [n for n, _ in named_linears(model)]
-    check_quant(ckpt, quant, linears)
-    plugin.convert_module(model)
-    load_weights(model, ckpt, device, progress=progress)
-    return model
-
-
-def _resolve_device(device: torch.device | str | None) -> torch.device:
-    device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type == "meta":  # an empty-init context: the weights still need a real home
-        device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 _BASE_LAYER = re.compile(r"(^|\.)base_layer(?=\.|$)")
 
 
@@ -679,103 +342,6 @@ def named_state(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, Tensor]
                 yield prefix + attr, module, attr, tensor
 
 
-def load_weights(
-    model: nn.Module, ckpt: Checkpoint4bit, device: torch.device | str, progress: bool = True
-) -> None:
-    """Places a 4-bit checkpoint's tensors into a model converted by ``QLoRAPrecision``, shard by shard.
-
-    Packed weights go into their :class:`Linear4bit` layers as they are (byte for byte); 16-bit
-    tensors are cast to the dtype of the parameter they fill. A tensor still on the meta device is
-    replaced, any other is copied into, so tied weights stay tied.
-
-    Raises:
-        ValueError: a tensor the model does not have, one it has that the checkpoint lacks, or a
-            shape mismatch; each names the tensor.
-    """
-    from safetensors import safe_open
-
-    device = torch.device(device)
-    quantized = {
-        canonical_name(name): layer for name, layer in named_linears(model) if isinstance(layer, Linear4bit)
-    }
-    slots: dict[str, tuple[nn.Module, str, Tensor]] = {}
-    groups: dict[int, list[str]] = {}  # tied tensors: one id, several names
-    for key, module, attr, tensor in named_state(model):
-        if key.endswith(".weight") and key[: -len(".weight")] in quantized and isinstance(module, Linear4bit):
-            continue
-        slots.setdefault(key, (module, attr, tensor))
-        groups.setdefault(id(tensor), []).append(key)
-    ignored = _ignored_patterns(model)
-    owner = {k: layer for layer, keys in ckpt.layers.items() for k in keys}
-    pending: dict[str, dict[str, Tensor]] = {}
-    loaded: set[int] = set()
-    unexpected: list[str] = []
-    bar = progress_bar(ckpt.total_bytes, len(ckpt.layers), "loading 4-bit checkpoint", progress)
-    done_layers = 0
-    for file in ckpt.files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                bar.update(ckpt.tensors[key].nbytes)
-                if key in owner:
-                    layer = owner[key]
-                    if layer not in quantized:
-                        raise ValueError(
-                            f"'{ckpt.path}': {layer} is 4-bit in the checkpoint but not in the model"
-                        )
-                    parts = pending.setdefault(layer, {})
-                    parts[key[len(layer) + len(".weight") :]] = f.get_tensor(key)
-                    if len(parts) == len(ckpt.layers[layer]):
-                        try:
-                            quantized[layer].load_prequantized(pending.pop(layer), device)
-                        except ValueError as err:
-                            raise ValueError(f"'{ckpt.path}': {layer}: {err}") from None
-                        done_layers += 1
-                        bar.set_postfix_str(f"layers {done_layers}/{len(ckpt.layers)}", refresh=False)
-                    continue
-                if key not in slots:
-                    if not any(p.search(key) for p in ignored):
-                        unexpected.append(key)
-                    continue
-                module, attr, current = slots[key]
-                _place(module, attr, current, f.get_tensor(key), device, f"'{ckpt.path}': {key}")
-                loaded.add(id(current))
-    bar.close()
-    if pending:
-        raise ValueError(f"'{ckpt.path}': incomplete 4-bit weights for {sorted(pending)[:3]}")
-    if unexpected:
-        raise ValueError(
-            f"'{ckpt.path}' holds tensors the model built from its config.json does not have: {unexpected[:4]}"
-        )
-    missing = [names[0] for tid, names in groups.items() if tid not in loaded]
-    missing += [n for n in quantized if n not in ckpt.layers]
-    # A tie broken by placing one name of a meta tensor would leave its other name on meta.
-    missing += [key for key, _, _, t in named_state(model) if t.device.type == "meta"]
-    if missing:
-        raise ValueError(f"'{ckpt.path}' lacks tensors the model needs: {missing[:4]}")
-
-
-def _ignored_patterns(model: nn.Module) -> list[re.Pattern]:
-    patterns = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    patterns.append(r"rotary_emb\.inv_freq$")  # older checkpoints stored this computed buffer
-    return [re.compile(p) for p in patterns]
-
-
-@torch.no_grad()
-def _place(
-    module: nn.Module, attr: str, current: Tensor, value: Tensor, device: torch.device, what: str
-) -> None:
-    if tuple(value.shape) != tuple(current.shape):
-        raise ValueError(f"{what} has shape {tuple(value.shape)}, the model expects {tuple(current.shape)}")
-    if current.device.type == "meta":  # built empty (a DeferredLinear's weight): placed, not copied into
-        tensor = value.to(device, current.dtype)
-        if isinstance(current, nn.Parameter):
-            setattr(module, attr, nn.Parameter(tensor, requires_grad=current.requires_grad))
-        else:
-            module._buffers[attr] = tensor
-    else:
-        current.copy_(value)
-
-
 def progress_bar(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar on stderr counting bytes, with "layers i/n" after it."""
     from tqdm import tqdm
@@ -796,17 +362,10 @@ def progress_bar(total_bytes: int, layers: int, desc: str, enabled: bool) -> Any
 __all__ = [
     "BNB_4BIT",
     "Checkpoint4bit",
-    "build_empty",
     "canonical_name",
-    "check_quant",
-    "checkpoint_quant",
     "is_4bit_checkpoint",
-    "linear_names",
-    "load_4bit_checkpoint",
-    "load_pretrained",
-    "load_weights",
-    "locate_checkpoint",
-    "preflight_checkpoint",
+    "named_state",
+    "progress_bar",
     "quantization_method",
     "read_4bit_checkpoint",
     "read_config",

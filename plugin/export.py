@@ -32,14 +32,9 @@ from .adapters import (
     read_qlora_config,
     target_names,
 )
-from .checkpoint4bit import (
-    BNB_4BIT,
-    checkpoint_quant,
-    linear_names,
-    load_4bit_checkpoint,
-    locate_checkpoint,
-    read_4bit_checkpoint,
-)
+from .checkpoint4bit import BNB_4BIT, read_4bit_checkpoint
+from .checkpoint4bit_check import checkpoint_quant, linear_names
+from .checkpoint4bit_load import load_4bit_checkpoint, locate_checkpoint
 from .lora import LoRAConfig
 from .messages import EXIT_USAGE, one_line
 from .nf4 import QuantConfig, as_dtype, dtype_name, name_matches, quantize_linears

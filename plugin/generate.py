@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .anatomy import hf_root
-from .checkpoint4bit import locate_checkpoint
+from .checkpoint4bit_load import locate_checkpoint
 from .data import load_tokenizer
 from .export import load_model
 from .messages import EXIT_USAGE, one_line

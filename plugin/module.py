@@ -228,7 +228,7 @@ class CausalLMModule(L.LightningModule):
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
-            from .checkpoint4bit import load_pretrained
+            from .checkpoint4bit_load import load_pretrained
 
             # A 16-bit checkpoint loads on the host in the plugin's compute dtype (the default dtype inside its
             # init context) and each linear weight is quantized on its way to the accelerator; a bitsandbytes

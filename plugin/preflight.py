@@ -135,7 +135,7 @@ def preflight(cfg: DictConfig) -> dict[str, Any]:
     ckpt = check_checkpoint(cfg.ckpt_path, plugin, sharded=_sharded(cfg)) if cfg.ckpt_path else None
     hf_config = check_model_source(cfg)
     if not builds_from_config(cfg):  # a 4-bit checkpoint must match the quant settings: known before loading
-        from .checkpoint4bit import preflight_checkpoint
+        from .checkpoint4bit_check import preflight_checkpoint
 
         preflight_checkpoint(
             cfg.model.name_or_path, plugin.quant, trust_remote_code=cfg.model.trust_remote_code

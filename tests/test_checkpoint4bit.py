@@ -27,12 +27,9 @@ from torch.utils.data import DataLoader
 
 from lightning_qlora import CausalLMModule, LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.adapters import save_adapter
-from lightning_qlora.checkpoint4bit import (
-    checkpoint_quant,
-    load_pretrained,
-    preflight_checkpoint,
-    read_4bit_checkpoint,
-)
+from lightning_qlora.checkpoint4bit import read_4bit_checkpoint
+from lightning_qlora.checkpoint4bit_check import checkpoint_quant, preflight_checkpoint
+from lightning_qlora.checkpoint4bit_load import load_pretrained
 from lightning_qlora.checkpoint4bit_write import save_4bit_checkpoint, write_random_4bit_checkpoint
 from lightning_qlora.data import build_byte_tokenizer
 from lightning_qlora.lora import lora_layers
