@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit, named_linears, parent_module, weight_value
+from .nf4 import Linear4bit, dequantize_traced, named_linears, parent_module, traceable, weight_value
 
 # The class itself, taken at import: inside the plugin's init context ``nn.Linear`` names DeferredLinear,
 # which stages its weight on the host; adapters belong on their base layer's device.
@@ -135,16 +135,22 @@ class LoRALinear(nn.Module):
         if self.merged:
             return base(x)
         if isinstance(base, Linear4bit) and _FUSED and torch.compiler.is_compiling():
-            # One opaque op for base and adapter under torch.compile too, for the same reason as below.
-            xd = None if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x)
-            out = base.compiled_matmul(x, lora=(xd, self.lora_A.weight, self.lora_B.weight, self.scaling))
-            return out if base.bias is None else out + base.bias.to(out.dtype)
+            spec, table, packed = base.packed()
+            if traceable(
+                spec, packed
+            ):  # base and adapter in one function, traced (see _PackedLinearWithLoRA)
+                dropout = self.training and not isinstance(self.lora_dropout, nn.Identity)
+                xd = self.lora_dropout(x) if dropout else None  # None: the input itself
+                out = _PackedLinearWithLoRA.apply(
+                    x, xd, self.lora_A.weight, self.lora_B.weight, self.scaling, spec, table, *packed
+                )
+                return out if base.bias is None else out + base.bias.to(out.dtype)
         if isinstance(base, Linear4bit) and _FUSED and not torch.compiler.is_compiling():
             weight = base.frozen_weight()
         elif type(base) is nn.Linear and not base.weight.requires_grad and _FUSED:
             weight = base.weight
         else:
-            # Any other frozen layer.
+            # Any other frozen layer (and, under torch.compile, a 4-bit one dequantize_traced cannot take).
             out = base(x)
             lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
@@ -166,7 +172,7 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     The 4-bit weight is dequantized once in the forward and once in the backward and never saved;
     what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
     The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
-    Under torch.compile the same arithmetic runs as the opaque op ``nf4.dequantize_matmul_lora``.
+    Under torch.compile the same arithmetic runs as :class:`_PackedLinearWithLoRA`.
     """
 
     @staticmethod
@@ -203,6 +209,58 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
                 grad_x = grad_x.view(ctx.x_shape)
                 grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
         return grad_x, grad_xd, None, grad_a, grad_b, None, None
+
+
+class _PackedLinearWithLoRA(torch.autograd.Function):
+    """:class:`_FrozenLinearWithLoRA` for torch.compile, which traces it: the 4-bit weight comes as its packed
+    tensors and is dequantized by :func:`~lightning_qlora.nf4.dequantize_traced` (plain torch ops, fused by
+    compile into one kernel), in the forward and again in the backward; only the packed bytes are saved.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        xd: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        s: float,
+        spec: tuple,
+        table: Tensor,
+        *packed: Tensor,
+    ):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+        w = dequantize_traced(spec, table, packed).to(dtype)
+        a16, b16 = a.to(dtype), b.to(dtype)
+        xa = xd2 @ a16.t()
+        out = (x2 @ w.t()).addmm_(xa, b16.t(), alpha=s)
+        ctx.save_for_backward(
+            x if xd is None else xd, xa, a, b, table, *packed
+        )  # inputs, not views: compile traces this
+        ctx.scaling, ctx.spec, ctx.same_input = s, spec, xd is None
+        ctx.x_shape, ctx.xd_shape = x.shape, None if xd is None else xd.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):
+        xd, xa, a, b, table, *packed = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = grad.reshape(-1, grad.shape[-1])
+        xd2 = xd.reshape(-1, xd.shape[-1])
+        a16 = a.to(g2.dtype)
+        grad_xa = g2 @ (b.to(g2.dtype) * s)
+        grad_a = (grad_xa.t() @ xd2).to(a.dtype)
+        grad_b = (g2.t() @ (xa * s)).to(b.dtype)
+        base = g2 @ dequantize_traced(ctx.spec, table, packed, backward=True).to(g2.dtype)
+        grad_xd = None
+        if ctx.same_input:
+            grad_x = torch.addmm(base, grad_xa, a16).view(ctx.x_shape)
+        else:
+            grad_x = base.view(ctx.x_shape)
+            grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
+        return grad_x, grad_xd, grad_a, grad_b, None, None, None, *([None] * len(packed))
 
 
 def _route_base_keys(state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:

@@ -54,7 +54,9 @@ class ModelConfig:
             the whole batch never exist at once (0 = one chunk).
         compile: ``torch.compile`` each decoder block (``true``/``false``). ``"auto"`` compiles on
             CUDA and stays eager elsewhere (compiling on a CPU costs more than it saves on short
-            runs). Inside a compiled block a 4-bit matmul is one opaque op (``nf4.dequantize_matmul``).
+            runs). Inside a compiled block a 4-bit layer and its adapter are traced: the dequantization is
+            plain torch ops (``nf4.dequantize_traced``), fused into one kernel (a weight whose last block
+            is cut short stays one opaque op over bitsandbytes).
     """
 
     name_or_path: str | None = None
@@ -327,7 +329,7 @@ def compile_blocks(model: nn.Module) -> int:
     """``torch.compile`` every block of the model's largest ``nn.ModuleList`` (its decoder layers).
 
     Compiling block by block keeps compile time to one block's graph, reused for all of them,
-    and leaves the 4-bit dequantization (a bitsandbytes custom op) opaque inside it.
+    with the 4-bit layers traced into it (``nf4.dequantize_traced``: whole-block weights call no bitsandbytes).
 
     Returns:
         How many blocks were compiled.

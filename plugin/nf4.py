@@ -2,13 +2,16 @@
 
 The frozen base weight of every targeted ``nn.Linear`` is stored as a bitsandbytes ``Params4bit``
 and quantized by bitsandbytes' own kernels (CUDA on a GPU, its CPU backend on a CPU). The forward
-dequantizes it with bitsandbytes and runs one matrix product in the compute dtype; the backward
-dequantizes again and returns only the input gradient, so no 16-bit copy of the weight is ever
-kept alive between the two passes and nothing but a reference to the packed weight is saved.
+dequantizes it and runs one matrix product in the compute dtype; the backward dequantizes again and
+returns only the input gradient, so no 16-bit copy of the weight is ever kept alive between the two
+passes and nothing but a reference to the packed weight is saved. Eager, bitsandbytes dequantizes;
+under torch.compile, :func:`dequantize_traced` (the same arithmetic in plain torch ops, which the
+compiler fuses), or one opaque op over bitsandbytes for a weight it does not take.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,9 +169,68 @@ def dequantize_packed(spec: tuple, tensors: Sequence[Tensor]) -> Tensor:
     )
 
 
-# torch.compile sees a 4-bit matmul as this one opaque op. Traced through, bitsandbytes' ops gave
-# wrong input gradients on CUDA (finite forward, gradient norms 1e5x eager's, then NaN; even with
-# the aot_eager backend), while eager bitsandbytes calls inside an opaque op are the tested path.
+_CODE_TABLES: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def _code_table(quant_type: str, device: torch.device) -> Tensor:
+    """The 16 values a 4-bit code stands for (bitsandbytes' own table), cached per device."""
+    key = (quant_type, device)
+    if key not in _CODE_TABLES:
+        _CODE_TABLES[key] = bnbF.get_4bit_type(quant_type, device="cpu").to(device)
+    return _CODE_TABLES[key]
+
+
+def traceable(spec: tuple, tensors: Sequence[Tensor]) -> bool:
+    """Whether :func:`dequantize_traced` handles this weight: whole blocks, two codes per byte."""
+    blocksize, quant_type, shape = spec[:3]
+    n = math.prod(shape)
+    packed = tensors[0]
+    return (
+        quant_type in ("nf4", "fp4")
+        and n % blocksize == 0
+        and packed.is_contiguous()
+        and packed.numel() * packed.element_size() * 2 == n
+    )
+
+
+def dequantize_traced(
+    spec: tuple, table: Tensor, tensors: Sequence[Tensor], backward: bool = False
+) -> Tensor:
+    """What :func:`dequantize_packed` computes, in plain torch ops: under torch.compile one fused kernel
+    instead of two bitsandbytes calls (each a Python function, a device guard and a ctypes launch).
+
+    Exactly bitsandbytes' arithmetic: a code's table value times its block's float32 absmax (with double
+    quantization: the nested code's value times the nested absmax, plus the offset), rounded once to the
+    compute dtype. Two codes per byte, the first in the high nibble. ``table``: the type's 16 values
+    (:func:`_code_table`, made before tracing).
+
+    ``backward=True`` spells the same arithmetic with other ops. Spelled alike, the compiler's common
+    subexpression elimination merges the backward's dequantization into the forward's, and the partitioner
+    then saves the 16-bit weight for the backward instead of dequantizing again: a whole weight per layer,
+    and every layer's without activation checkpointing (the first traced version did: 7B at batch 4 peaked
+    at 7.73 GiB on an H200, where one opaque op of the same arithmetic peaked at 7.37).
+    """
+    blocksize, quant_type, shape, dtype, nested_blocksize, _nested_dtype = spec
+    packed, absmax = tensors[:2]
+    if len(tensors) > 2:
+        nested_absmax, nested_code, offset = tensors[2:]
+        block = torch.arange(absmax.numel(), device=absmax.device) // nested_blocksize
+        absmax = nested_code[absmax.int()] * nested_absmax[block] + offset
+    codes = packed.view(torch.uint8).reshape(-1)
+    if backward:
+        high = torch.div(codes, 16, rounding_mode="floor")
+        both = torch.stack((high, codes - high * 16), dim=-1).reshape(-1)
+        values = torch.index_select(table, 0, both.long())
+    else:
+        both = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1)
+        values = table[both.int()]
+    return (values.view(-1, blocksize) * absmax.float().view(-1, 1)).view(shape).to(dtype)
+
+
+# Under torch.compile, a weight dequantize_traced does not take (a last block cut short) is this one opaque
+# op. bitsandbytes' own ops must not be traced: traced, they gave wrong input gradients on CUDA (finite
+# forward, gradient norms 1e5x eager's, then NaN; even with the aot_eager backend). dequantize_traced
+# calls none of them.
 @torch.library.custom_op("lightning_qlora::dequantize_matmul", mutates_args=())
 def dequantize_matmul(
     x: Tensor,
@@ -208,87 +270,21 @@ def _dequantize_matmul_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, 
 dequantize_matmul.register_autograd(_dequantize_matmul_backward, setup_context=_dequantize_matmul_setup)
 
 
-# The base matmul and its adapter as one opaque op: the adapter's product is accumulated into the base output
-# by the GEMM (addmm_) instead of written apart and summed by a compiled kernel (two more passes over the
-# output per layer and pass), and the two input gradients likewise. Same arithmetic as lora's eager
-# _FrozenLinearWithLoRA.
-@torch.library.custom_op("lightning_qlora::dequantize_matmul_lora", mutates_args=())
-def dequantize_matmul_lora(
-    x: Tensor,
-    xd: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: float,
-    packed: list[Tensor],
-    blocksize: int,
-    quant_type: str,
-    shape: list[int],
-    dtype: torch.dtype,
-    nested_blocksize: int,
-    nested_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    """``x @ W.T + (xd @ A.T) @ B.T * scaling`` (``xd`` = ``x`` when ``None``) and ``xd @ A.T``, kept for the
-    backward."""
-    weight = dequantize_packed((blocksize, quant_type, shape, dtype, nested_blocksize, nested_dtype), packed)
-    x2 = x.reshape(-1, x.shape[-1])
-    xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
-    out = x2 @ weight.to(x.dtype).t()
-    xa = xd2 @ lora_a.to(x.dtype).t()
-    out.addmm_(xa, lora_b.to(x.dtype).t(), alpha=scaling)
-    return out.view(*x.shape[:-1], shape[0]), xa
+class _TracedDequantMatmul(torch.autograd.Function):
+    """``x @ W.T`` for torch.compile to trace: ``W`` dequantized by :func:`dequantize_traced` in the forward and
+    again in the backward (the backward's spelled apart, see there); only the packed bytes are saved."""
 
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, spec: tuple, table: Tensor, *packed: Tensor) -> Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(table, *packed)
+        return x @ dequantize_traced(spec, table, packed).to(x.dtype).t()
 
-@dequantize_matmul_lora.register_fake
-def _(
-    x,
-    xd,
-    lora_a,
-    lora_b,
-    scaling,
-    packed,
-    blocksize,
-    quant_type,
-    shape,
-    dtype,
-    nested_blocksize,
-    nested_dtype,
-):
-    tokens = x.numel() // x.shape[-1]
-    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(tokens, lora_a.shape[0])
-
-
-def _dequantize_matmul_lora_setup(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    x, xd, lora_a, lora_b, scaling, packed, *spec = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.same_input = xd is None
-    ctx.scaling, ctx.spec, ctx.n_packed = scaling, spec, len(packed)
-    ctx.x_shape = x.shape
-    ctx.save_for_backward(x if xd is None else xd, output[1], lora_a, lora_b, *packed)
-
-
-def _dequantize_matmul_lora_backward(ctx: Any, grad: Tensor, _grad_xa: Tensor) -> tuple[Tensor | None, ...]:
-    xd, xa, lora_a, lora_b, *packed = ctx.saved_tensors
-    s, dtype = ctx.scaling, grad.dtype
-    g2 = grad.reshape(-1, grad.shape[-1])
-    xd2 = xd.reshape(-1, xd.shape[-1])
-    a16 = lora_a.to(dtype)
-    grad_xa = g2 @ (lora_b.to(dtype) * s)
-    grad_a = (grad_xa.t() @ xd2).to(lora_a.dtype) if ctx.needs_input_grad[2] else None
-    grad_b = (g2.t() @ (xa * s)).to(lora_b.dtype) if ctx.needs_input_grad[3] else None
-    grad_x = grad_xd = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        grad_x = g2 @ dequantize_packed(ctx.spec, packed).to(dtype)
-        if ctx.same_input:
-            grad_x.addmm_(grad_xa, a16)
-        else:
-            grad_xd = (grad_xa @ a16).view(xd.shape)
-        grad_x = grad_x.view(ctx.x_shape)
-    return grad_x, grad_xd, grad_a, grad_b, None, [None] * ctx.n_packed, *([None] * len(ctx.spec))
-
-
-dequantize_matmul_lora.register_autograd(
-    _dequantize_matmul_lora_backward, setup_context=_dequantize_matmul_lora_setup
-)
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        table, *packed = ctx.saved_tensors
+        weight = dequantize_traced(ctx.spec, table, packed, backward=True).to(grad.dtype)
+        return grad @ weight, None, None, *([None] * len(packed))
 
 
 def weight_value(weight: Tensor) -> Tensor:
@@ -392,23 +388,24 @@ class Linear4bit(nn.Module):
             bnb_quantized=True,
         )
 
-    def compiled_matmul(
-        self, x: Tensor, lora: tuple[Tensor | None, Tensor, Tensor, float] | None = None
-    ) -> Tensor:
-        """``x @ W.T`` as the opaque :func:`dequantize_matmul` op, which torch.compile traces around; with
-        ``lora=(xd, A, B, scaling)`` plus the adapter's ``(xd @ A.T) @ B.T * scaling`` in the same op
-        (:func:`dequantize_matmul_lora`; ``xd=None`` is ``x``).
-
-        torch.compile sees plain tensors (the packed weight and its QuantState's), never the Params4bit.
-        """
+    def packed(self) -> tuple[tuple, Tensor, tuple[Tensor, ...]]:
+        """The weight as :func:`dequantize_traced` takes it: the constants, the code table, and the packed bytes
+        with the QuantState's tensors (the bytes read from the module: under FSDP2, the tensor it all-gathered)."""
         if self._packed is None:
             raise RuntimeError("quantize the model (move it to its device) before compiling it")
         spec, constants = self._packed
-        # The packed bytes are read from the module each call: under FSDP2 they are the tensor it all-gathered.
-        packed = [self.weight, *constants]
-        if lora is not None:
-            return dequantize_matmul_lora(x, *lora, packed, *spec)[0]
-        return dequantize_matmul(x, packed, *spec, True)
+        return (*spec[:2], tuple(spec[2]), *spec[3:]), self._code_table, (self.weight, *constants)
+
+    def compiled_matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` under torch.compile: traced (:class:`_TracedDequantMatmul`, the dequantization fused
+        into one kernel) when :func:`traceable`, else the opaque :func:`dequantize_matmul` op.
+
+        torch.compile sees plain tensors (the packed weight and its QuantState's), never the Params4bit.
+        """
+        spec, table, packed = self.packed()
+        if traceable(spec, packed):
+            return _TracedDequantMatmul.apply(x, spec, table, *packed)
+        return dequantize_matmul(x, list(packed), *spec, True)
 
     def _refresh_packed(self) -> None:
         """Keeps the quantization constants on the module, where FSDP2's swap of ``weight`` cannot drop them.
@@ -420,6 +417,9 @@ class Linear4bit(nn.Module):
         if isinstance(weight, bnb.nn.Params4bit):
             self.quant_state = weight.quant_state if weight.bnb_quantized else None
         self._packed = quant_constants(self.quant_state) if self.quantized else None
+        # The code table for dequantize_traced, made here: a tensor created while compile traces is a side effect.
+        qs = self.quant_state
+        self._code_table = _code_table(qs.quant_type, qs.absmax.device) if self.quantized else None
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         packed = self.weight if self.quantized else None  # the bytes, whatever their storage dtype

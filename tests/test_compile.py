@@ -1,4 +1,7 @@
-"""torch.compile through 4-bit layers (their matmul one opaque op over plain tensors) against the eager path."""
+"""torch.compile through 4-bit layers (traced: the dequantization in plain torch ops; else one opaque op) against
+the eager path."""
+
+import math
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from torch import nn
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
 from lightning_qlora.loss import linear_cross_entropy
 from lightning_qlora.module import compile_blocks
-from lightning_qlora.nf4 import dequantize, dequantize_packed, packed_weight
+from lightning_qlora.nf4 import dequantize, dequantize_packed, dequantize_traced, packed_weight, traceable
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -23,55 +26,135 @@ def test_packed_tensors_dequantize_exactly_like_bitsandbytes(quant_type, double_
     assert layer.frozen_weight() is layer.weight, "eager mode keeps the Params4bit path"
 
 
-def test_the_compiled_4bit_matmul_is_one_opaque_op_with_its_own_gradient():
-    config = QuantConfig(compute_dtype=torch.float32, blocksize=32)
-    layer = Linear4bit.from_linear(nn.Linear(64, 48), config).to("cpu")
-    spec, tensors = packed_weight(layer.weight)
-    x = torch.randn(2, 3, 64, requires_grad=True)
-    torch.library.opcheck(torch.ops.lightning_qlora.dequantize_matmul, (x, list(tensors), *spec, True))
-    graphs = []
+def _compiled(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """``module`` compiled as one graph through AOT autograd with inductor's partitioner, its output, and what
+    the compiled graphs show: the ops the forward and backward call (the autograd functions inlined; the
+    backward's once a backward ran) and the shapes of what the forward saves for the backward."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition  # inductor's
 
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
+    seen: dict = {"ops": set(), "saved": []}
 
-    out = torch.compile(layer, backend=backend)(x)
-    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any("lightning_qlora.dequantize_matmul" in t for t in targets), targets
-    assert not any("bitsandbytes" in t for t in targets), "bitsandbytes' ops stay inside the opaque op"
-    (grad,) = torch.autograd.grad(out.sum(), x)
-    torch.testing.assert_close(grad, torch.ones(2, 3, 48) @ dequantize(layer.weight))
+    def compiler(forward: bool):
+        def compile_graph(gm, example_inputs):
+            seen["ops"] |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+            if forward:  # a forward graph returns the output, then what it saves
+                (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+                vals = [v.meta.get("val") for v in output.args[0][1:] if isinstance(v, torch.fx.Node)]
+                seen["saved"] += [tuple(v.shape) for v in vals if isinstance(v, torch.Tensor)]
+            return gm.forward
 
+        return compile_graph
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_the_compiled_4bit_lora_matmul_is_one_opaque_op_with_its_own_gradients(dropout):
-    """Base and adapter in one op under torch.compile (the adapter's sum accumulated by the GEMM): opcheck's
-    schema, fake-tensor and autograd checks, and the graph calls it, not a separate adapter product."""
-    config = QuantConfig(compute_dtype=torch.float32, blocksize=32)
-    layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 48), config).to("cpu"), r=4, alpha=8)
-    nn.init.normal_(layer.lora_B.weight, std=0.1)
-    spec, tensors = packed_weight(layer.base_layer.weight)
-    x = torch.randn(2, 3, 64, requires_grad=True)
-    xd = torch.randn(2, 3, 64, requires_grad=True) if dropout else None
-    a, b = (p.detach().requires_grad_() for p in (layer.lora_A.weight, layer.lora_B.weight))
-    torch.library.opcheck(
-        torch.ops.lightning_qlora.dequantize_matmul_lora, (x, xd, a, b, 2.0, list(tensors), *spec)
+    backend = aot_autograd(
+        fw_compiler=compiler(True),
+        bw_compiler=compiler(False),
+        partition_fn=min_cut_rematerialization_partition,
     )
-    out, xa = torch.ops.lightning_qlora.dequantize_matmul_lora(x, xd, a, b, 2.0, list(tensors), *spec)
-    w = dequantize(layer.base_layer.weight)
-    xs = x if xd is None else xd
-    torch.testing.assert_close(out, x @ w.t() + (xs @ a.t()) @ b.t() * 2.0)
-    torch.testing.assert_close(xa, (xs @ a.t()).reshape(6, 4))
-    graphs = []
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend, fullgraph=True)(x), seen
 
-    def backend(gm, inputs):
-        graphs.append(gm)
-        return gm.forward
 
-    torch.compile(layer, backend=backend)(x)
-    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
-    assert any("lightning_qlora.dequantize_matmul_lora" in t for t in targets), targets
-    assert not any(t.endswith("dequantize_matmul.default") for t in targets), targets
+def test_a_weight_in_partial_blocks_compiles_as_one_opaque_op_with_its_own_gradient():
+    """The fallback for what dequantize_traced does not take (a last block cut short: 150 weights, blocks of
+    64), plain and under an adapter."""
+    config = QuantConfig(compute_dtype=torch.float32, blocksize=64)
+    base = Linear4bit.from_linear(nn.Linear(50, 3), config).to("cpu")
+    spec, tensors = packed_weight(base.weight)
+    assert not traceable(spec, tensors)
+    x = torch.randn(2, 3, 50, requires_grad=True)
+    torch.library.opcheck(torch.ops.lightning_qlora.dequantize_matmul, (x, list(tensors), *spec, True))
+    adapted = LoRALinear(base, r=2, alpha=4)
+    nn.init.normal_(adapted.lora_B.weight, std=0.1)
+    for layer in (base, adapted):
+        eager = layer(x)
+        want = torch.autograd.grad(eager.sum(), x)[0]
+        out, seen = _compiled(layer, x)
+        got = torch.autograd.grad(out.sum(), x)[0]
+        assert "lightning_qlora.dequantize_matmul.default" in seen["ops"], seen["ops"]
+        assert not any("bitsandbytes" in t for t in seen["ops"]), (
+            "bitsandbytes' ops stay inside the opaque op"
+        )
+        torch.testing.assert_close(out, eager)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize(
+    "shape,blocksize", [((96, 512), 32), ((96, 512), 256), ((48, 96), 64), ((160, 24), 32)]
+)
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_traced_dequantization_is_bitsandbytes_to_the_bit(
+    quant_type, double_quant, shape, blocksize, storage
+):
+    """Both spellings (forward, backward) of the torch-ops dequantization equal bitsandbytes' own, in fp32, bf16
+    and fp16, for rows that fill blocks and rows that cross them, the bytes stored as uint8 or viewed as bf16
+    (FSDP's storage)."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        config = QuantConfig(
+            quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, compute_dtype=dtype
+        )
+        layer = Linear4bit.from_linear(nn.Linear(shape[1], shape[0]), config).to("cpu")
+        want = dequantize(layer.weight)
+        if storage != torch.uint8:
+            layer.view_storage(storage)
+        spec, table, packed = layer.packed()
+        assert traceable(spec, packed) and packed[0].dtype == storage
+        for backward in (False, True):
+            got = dequantize_traced(spec, table, packed, backward=backward)
+            assert got.dtype == want.dtype and torch.equal(got, want), (dtype, backward)
+
+
+@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "plain"])
+def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter):
+    """Under torch.compile a 4-bit layer (with its adapter) is plain torch ops in forward and backward: no
+    bitsandbytes call, no opaque op, one graph; the same outputs and gradients as eager; and the compiled
+    forward saves nothing the size of the weight (the backward dequantizes again)."""
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
+    layer = LoRALinear(base.to("cpu"), r=4, alpha=8) if adapter else base.to("cpu")
+    if adapter:
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    eager = layer(x)
+    want = torch.autograd.grad(eager.sum(), (x, *params))
+    compiled, seen = _compiled(layer, x)
+    got = torch.autograd.grad(compiled.sum(), (x, *params))
+    ops = seen["ops"]
+    assert any("aten.index" in t for t in ops) and any("index_select" in t for t in ops), (
+        ops
+    )  # both passes seen
+    assert not any("bitsandbytes" in t or "lightning_qlora" in t for t in ops), ops
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert seen["saved"] and not any(math.prod(shape) >= 48 * 64 for shape in seen["saved"]), seen["saved"]
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["same-input", "dropout-input"])
+def test_the_traced_lora_function_gives_the_exact_gradients(dropout):
+    """``_PackedLinearWithLoRA`` against autograd through the same arithmetic, in float64, with the adapter's
+    input the layer's own (``xd=None``) or a dropout's output."""
+    from lightning_qlora.lora import _PackedLinearWithLoRA
+
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
+    spec, table, packed = base.to("cpu").packed()
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    xd = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True) if dropout else None
+    a = torch.randn(4, 64, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(48, 4, dtype=torch.float64, requires_grad=True)
+    inputs = (x, a, b) + ((xd,) if dropout else ())
+    out = _PackedLinearWithLoRA.apply(x, xd, a, b, 2.0, spec, table, *packed)
+    got = torch.autograd.grad(out.square().sum(), inputs)
+    w = dequantize(base.weight).double()
+    want_out = x @ w.t() + ((x if xd is None else xd) @ a.t()) @ b.t() * 2.0
+    want = torch.autograd.grad(want_out.square().sum(), inputs)
+    torch.testing.assert_close(out, want_out)
+    for g, w_ in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w_)
 
 
 def test_a_compiled_lora_layer_matches_eager_outputs_and_gradients():
@@ -119,6 +202,26 @@ def test_compiled_4bit_blocks_train_like_eager():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_traced_dequantization_is_the_cuda_kernels_to_the_bit():
+    """bitsandbytes' CUDA kernels hard-code their tables: the traced dequantization equals them, eager and
+    compiled."""
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (True, False):
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                torch.manual_seed(0)
+                config = QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=dtype)
+                layer = Linear4bit.from_linear(nn.Linear(4096, 1024), config).cuda()
+                spec, table, packed = layer.packed()
+                want = dequantize(layer.weight)
+                for backward in (False, True):
+                    assert torch.equal(dequantize_traced(spec, table, packed, backward=backward), want)
+                torch._dynamo.reset()  # a compile per case, not the cache's eager fallback after 8
+                compiled = torch.compile(dequantize_traced, fullgraph=True)(spec, table, packed)
+                assert torch.equal(compiled, want), (quant_type, double_quant, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
     """On CUDA, bitsandbytes' ops traced by torch.compile once gave gradients 1e5x too large."""
     config = transformers.LlamaConfig(
@@ -146,5 +249,5 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
     for name, want in eager.items():
         got = compiled[name]
         assert torch.isfinite(got).all(), name
-        # bf16 compute, fused (eager) vs composed (compiled) adapter sums: close, not bitwise
+        # bf16 compute, bitsandbytes' kernel and cuBLAS (eager) vs compiled kernels: close, not bitwise
         assert (got - want).norm() <= 0.02 * want.norm() + 1e-6, name
