@@ -236,9 +236,8 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         a16, b16 = a.to(dtype), b.to(dtype)
         xa = xd2 @ a16.t()
         out = (x2 @ w.t()).addmm_(xa, b16.t(), alpha=s)
-        ctx.save_for_backward(
-            x if xd is None else xd, xa, a, b, table, *packed
-        )  # inputs, not views: compile traces this
+        # The inputs themselves, not views of them made here: compile traces this function.
+        ctx.save_for_backward(x if xd is None else xd, xa, a, b, table, *packed)
         ctx.scaling, ctx.spec, ctx.same_input = s, spec, xd is None
         ctx.x_shape, ctx.xd_shape = x.shape, None if xd is None else xd.shape
         return out.view(*x.shape[:-1], out.shape[-1])
