@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from .anatomy import hf_root
 from .lora import LoRAConfig, LoRALinear, lora_layers
-from .nf4 import Linear4bit, QuantConfig, as_dtype, dequantize, named_linears, parent_module
+from .nf4 import Linear4bit, QuantConfig, as_dtype, named_linears, parent_module
+from .nf4_matmul import dequantize
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT releases

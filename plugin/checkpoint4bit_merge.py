@@ -26,7 +26,8 @@ from .adapters import adapter_lora_config, read_adapter
 from .checkpoint4bit import Checkpoint4bit, progress_bar, read_4bit_checkpoint
 from .checkpoint4bit_check import linear_names
 from .checkpoint4bit_write import ShardWriter, copy_side_files, staged_output, write_config
-from .nf4 import as_dtype, dequantize, params4bit_from_serialized, quantize_tensor, serialize_params4bit
+from .nf4 import as_dtype, params4bit_from_serialized, quantize_tensor, serialize_params4bit
+from .nf4_matmul import dequantize
 
 
 def check_adapter_fits(

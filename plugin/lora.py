@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .nf4 import Linear4bit, dequantize_traced, named_linears, parent_module, traceable, weight_value
+from .nf4 import Linear4bit, named_linears, parent_module
+from .nf4_matmul import dequantize_traced, traceable, weight_value
 
 # The class itself, taken at import: inside the plugin's init context ``nn.Linear`` names DeferredLinear,
 # which stages its weight on the host; adapters belong on their base layer's device.
@@ -213,7 +214,7 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
 
 class _PackedLinearWithLoRA(torch.autograd.Function):
     """:class:`_FrozenLinearWithLoRA` for torch.compile, which traces it: the 4-bit weight comes as its packed
-    tensors and is dequantized by :func:`~lightning_qlora.nf4.dequantize_traced` (plain torch ops, fused by
+    tensors and is dequantized by :func:`~lightning_qlora.nf4_matmul.dequantize_traced` (plain torch ops, fused by
     compile into one kernel), in the forward and again in the backward; only the packed bytes are saved.
     """
 

@@ -55,7 +55,7 @@ class ModelConfig:
         compile: ``torch.compile`` each decoder block (``true``/``false``). ``"auto"`` compiles on
             CUDA and stays eager elsewhere (compiling on a CPU costs more than it saves on short
             runs). Inside a compiled block a 4-bit layer and its adapter are traced: the dequantization is
-            plain torch ops (``nf4.dequantize_traced``), fused into one kernel (a weight whose last block
+            plain torch ops (``nf4_matmul.dequantize_traced``), fused into one kernel (a weight whose last block
             is cut short stays one opaque op over bitsandbytes).
     """
 
@@ -329,7 +329,7 @@ def compile_blocks(model: nn.Module) -> int:
     """``torch.compile`` every block of the model's largest ``nn.ModuleList`` (its decoder layers).
 
     Compiling block by block keeps compile time to one block's graph, reused for all of them,
-    with the 4-bit layers traced into it (``nf4.dequantize_traced``: whole-block weights call no bitsandbytes).
+    with the 4-bit layers traced into it (``nf4_matmul.dequantize_traced``: whole-block weights call no bitsandbytes).
 
     Returns:
         How many blocks were compiled.

@@ -284,7 +284,8 @@ _PEAK = """
 import json, sys, threading
 import psutil, torch, transformers.models.llama.modeling_llama
 from lightning_qlora.export import main
-from lightning_qlora.nf4 import QuantConfig, dequantize, quantize_tensor
+from lightning_qlora.nf4 import QuantConfig, quantize_tensor
+from lightning_qlora.nf4_matmul import dequantize
 dequantize(quantize_tensor(torch.randn(256, 256), QuantConfig(), "cpu"))  # first-call setup, not data
 process = psutil.Process()
 start = peak = process.memory_info().rss

@@ -33,7 +33,8 @@ from lightning_qlora.checkpoint4bit_load import load_pretrained
 from lightning_qlora.checkpoint4bit_write import save_4bit_checkpoint, write_random_4bit_checkpoint
 from lightning_qlora.data import build_byte_tokenizer
 from lightning_qlora.lora import lora_layers
-from lightning_qlora.nf4 import Linear4bit, dequantize, named_linears
+from lightning_qlora.nf4 import Linear4bit, named_linears
+from lightning_qlora.nf4_matmul import dequantize
 
 VOCAB = 272  # the byte tokenizer's 262 ids fit
 BIN = Path(sys.executable).parent

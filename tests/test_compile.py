@@ -12,7 +12,13 @@ from torch import nn
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
 from lightning_qlora.loss import linear_cross_entropy
 from lightning_qlora.module import compile_blocks
-from lightning_qlora.nf4 import dequantize, dequantize_packed, dequantize_traced, packed_weight, traceable
+from lightning_qlora.nf4_matmul import (
+    dequantize,
+    dequantize_packed,
+    dequantize_traced,
+    packed_weight,
+    traceable,
+)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -281,7 +281,7 @@ def _bnb_measurement(
     layer: Any, ref: torch.Tensor, fmt: str, blocksize: int, source: str, name: str
 ) -> Measurement:
     """Error and stored bytes of a quantized ``Linear4bit``, from its own ``Params4bit`` and ``QuantState``."""
-    from ..nf4 import dequantize
+    from ..nf4_matmul import dequantize
 
     weight = layer.weight
     qs = weight.quant_state
