@@ -136,17 +136,20 @@ def causal_lm_loss(
             logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
         return (loss if n else logits.sum() * 0.0), n
-    weight = head.weight
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-    if n == 0:  # keeps the graph (and DDP's gradient sync) alive on a batch with no target
-        return hidden.sum() * 0.0, 0
-    loss = linear_cross_entropy(
-        hidden, weight, labels, chunk_size if chunk_size > 0 else hidden.shape[0] * hidden.shape[1]
-    )
-    if head.bias is not None:  # rare; the fused loss has no bias term
+    if head.bias is not None and n:  # rare; the fused loss has no bias term
         logits = head(hidden[:, :-1]).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-    return loss, n
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX), n
+    return _frozen_head_loss(hidden, head.weight, labels, chunk_size, n), n
+
+
+def _frozen_head_loss(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int, n: int) -> Tensor:
+    """:func:`linear_cross_entropy` of the backbone's output, chunked (``chunk_size`` 0: one chunk); on a batch
+    with no target (``n == 0``) a zero that keeps the graph, and the gradient sync, alive."""
+    if n == 0:
+        return hidden.sum() * 0.0
+    chunk = chunk_size if chunk_size > 0 else hidden.shape[0] * hidden.shape[1]
+    return linear_cross_entropy(hidden, weight, labels, chunk)
 
 
 def _sharded_frozen_head(head: nn.Module | None, model: nn.Module) -> bool:
@@ -194,14 +197,9 @@ def _sharded_head_loss(
     # The one-position logits join the graph at zero weight (FSDP2 expects a backward through every output
     # of a unit it gathered); masked so an infinite logit cannot turn the zero into NaN.
     zero = torch.where(torch.isfinite(last), last, 0.0).float().sum() * 0.0
-    hidden = captured[-1]
     head.unshard()  # a collective: every rank, once per step
     try:
-        if n == 0:  # keeps the graph (and the gradient sync) alive on a batch with no target
-            loss = hidden.sum() * 0.0
-        else:
-            chunk = chunk_size if chunk_size > 0 else hidden.shape[0] * hidden.shape[1]
-            loss = linear_cross_entropy(hidden, head.weight, labels, chunk)
+        loss = _frozen_head_loss(captured[-1], head.weight, labels, chunk_size, n)
     finally:
         head.reshard()
     return loss + zero, n
