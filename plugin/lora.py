@@ -137,9 +137,8 @@ class LoRALinear(nn.Module):
             return base(x)
         if isinstance(base, Linear4bit) and _FUSED and torch.compiler.is_compiling():
             spec, table, packed = base.packed()
-            if traceable(
-                spec, packed
-            ):  # base and adapter in one function, traced (see _PackedLinearWithLoRA)
+            # Base and adapter in one function, traced (see _PackedLinearWithLoRA).
+            if traceable(spec, packed):
                 dropout = self.training and not isinstance(self.lora_dropout, nn.Identity)
                 xd = self.lora_dropout(x) if dropout else None  # None: the input itself
                 out = _PackedLinearWithLoRA.apply(
@@ -203,13 +202,19 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
         grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[4] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x = g2 @ weight_value(ctx.weight).to(g2.dtype)
-            if ctx.same_input:
-                grad_x = grad_x.addmm_(grad_xa, a16).view(ctx.x_shape)
-            else:
-                grad_x = grad_x.view(ctx.x_shape)
-                grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
+            base = g2 @ weight_value(ctx.weight).to(g2.dtype)
+            grad_x, grad_xd = _input_grads(base, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape)
         return grad_x, grad_xd, None, grad_a, grad_b, None, None
+
+
+def _input_grads(
+    base: Tensor, grad_xa: Tensor, a16: Tensor, same_input: bool, x_shape: torch.Size, xd_shape: Any
+) -> tuple[Tensor, Tensor | None]:
+    """The layer's input gradient (``base``, the frozen weight's part, plus the adapter's when the adapter reads
+    the same input: one ``addmm_``) and, when dropout gave the adapter an input of its own, that input's."""
+    if same_input:
+        return base.addmm_(grad_xa, a16).view(x_shape), None
+    return base.view(x_shape), (grad_xa @ a16).view(xd_shape)
 
 
 class _PackedLinearWithLoRA(torch.autograd.Function):
@@ -254,12 +259,7 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         grad_a = (grad_xa.t() @ xd2).to(a.dtype)
         grad_b = (g2.t() @ (xa * s)).to(b.dtype)
         base = g2 @ dequantize_traced(ctx.spec, table, packed, backward=True).to(g2.dtype)
-        grad_xd = None
-        if ctx.same_input:
-            grad_x = torch.addmm(base, grad_xa, a16).view(ctx.x_shape)
-        else:
-            grad_x = base.view(ctx.x_shape)
-            grad_xd = (grad_xa @ a16).view(ctx.xd_shape)
+        grad_x, grad_xd = _input_grads(base, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None, *([None] * len(packed))
 
 

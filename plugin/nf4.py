@@ -219,7 +219,7 @@ class Linear4bit(nn.Module):
         if self._packed is None:
             raise RuntimeError("quantize the model (move it to its device) before compiling it")
         spec, constants = self._packed
-        return (*spec[:2], tuple(spec[2]), *spec[3:]), self._code_table, (self.weight, *constants)
+        return spec, self._code_table, (self.weight, *constants)
 
     def compiled_matmul(self, x: Tensor) -> Tensor:
         """``x @ W.T`` under torch.compile: traced (:class:`TracedMatmul4bit`, the dequantization fused

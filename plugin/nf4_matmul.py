@@ -59,7 +59,7 @@ def quant_constants(qs: bnbF.QuantState) -> tuple[tuple, tuple[Tensor, ...]]:
     if qs.nested:
         tensors += (qs.state2.absmax, qs.state2.code, qs.offset)
         nested = (qs.state2.blocksize, qs.state2.dtype)
-    return (qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype, *nested), tensors
+    return (qs.blocksize, qs.quant_type, tuple(qs.shape), qs.dtype, *nested), tensors
 
 
 def dequantize_packed(spec: tuple, tensors: Sequence[Tensor]) -> Tensor:
