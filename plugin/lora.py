@@ -217,6 +217,32 @@ def _input_grads(
     return base.view(x_shape), (grad_xa @ a16).view(xd_shape)
 
 
+# Compiled, an in-place sum of two products is functionalized: ``addmm_`` becomes an out-of-place addmm, which
+# copies its whole input before adding. On an H200, 7B at 4 x 2048, that copy and a rank-r product rewriting
+# each output took 78 ms of a 677 ms step. An opaque op keeps the sum in place, in cuBLAS's epilogue: 7B
+# +6.6%. But each call of it costs ~25 us on the host, which a host-bound step pays (1B, every layer through
+# it: -4.9%), so only outputs of at least 2**25 elements take it: their copy (~40 us at ~3 TB/s) costs more.
+_IN_PLACE_MIN_ELEMENTS = 2**25
+
+
+@torch.library.custom_op("lightning_qlora::low_rank_plus_matmul", mutates_args=())
+def low_rank_plus_matmul(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``low @ up + x @ w``: the rank-r product written first, the full one added to it in place."""
+    return (low @ up).addmm_(x, w)
+
+
+@low_rank_plus_matmul.register_fake
+def _(low, up, x, w):
+    return low.new_empty(low.shape[0], up.shape[1])
+
+
+def _traced_sum(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``low @ up + x @ w`` under torch.compile: in place through the opaque op where its output is large."""
+    if low.shape[0] * up.shape[1] >= _IN_PLACE_MIN_ELEMENTS:
+        return low_rank_plus_matmul(low, up, x, w)
+    return (x @ w).addmm_(low, up)
+
+
 class _PackedLinearWithLoRA(torch.autograd.Function):
     """:class:`_FrozenLinearWithLoRA` for torch.compile, which traces it: the 4-bit weight comes as its packed
     tensors and is dequantized by :func:`~lightning_qlora.nf4_matmul.dequantize_traced` (plain torch ops, fused by
@@ -241,7 +267,7 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         w = dequantize_traced(spec, table, packed).to(dtype)
         a16, b16 = a.to(dtype), b.to(dtype)
         xa = xd2 @ a16.t()
-        out = (x2 @ w.t()).addmm_(xa, b16.t(), alpha=s)
+        out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
         # The inputs themselves, not views of them made here: compile traces this function.
         ctx.save_for_backward(x if xd is None else xd, xa, a, b, table, *packed)
         ctx.scaling, ctx.spec, ctx.same_input = s, spec, xd is None
@@ -258,8 +284,11 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         grad_xa = g2 @ (b.to(g2.dtype) * s)
         grad_a = (grad_xa.t() @ xd2).to(a.dtype)
         grad_b = (g2.t() @ (xa * s)).to(b.dtype)
-        base = g2 @ dequantize_traced(ctx.spec, table, packed, backward=True).to(g2.dtype)
-        grad_x, grad_xd = _input_grads(base, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape)
+        w = dequantize_traced(ctx.spec, table, packed, backward=True).to(g2.dtype)
+        if ctx.same_input:
+            grad_x, grad_xd = _traced_sum(grad_xa, a16, g2, w).view(ctx.x_shape), None
+        else:
+            grad_x, grad_xd = (g2 @ w).view(ctx.x_shape), (grad_xa @ a16).view(ctx.xd_shape)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None, *([None] * len(packed))
 
 

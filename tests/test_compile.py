@@ -112,11 +112,16 @@ def test_traced_dequantization_is_bitsandbytes_to_the_bit(
             assert got.dtype == want.dtype and torch.equal(got, want), (dtype, backward)
 
 
-@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "plain"])
-def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter):
+@pytest.mark.parametrize(
+    "adapter, in_place", [(True, True), (True, False), (False, False)], ids=["lora-in-place", "lora", "plain"]
+)
+def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter, in_place, monkeypatch):
     """Under torch.compile a 4-bit layer (with its adapter) is plain torch ops in forward and backward: no
-    bitsandbytes call, no opaque op, one graph; the same outputs and gradients as eager; and the compiled
-    forward saves nothing the size of the weight (the backward dequantizes again)."""
+    bitsandbytes call, no opaque dequantization, one graph; the same outputs and gradients as eager; and the
+    compiled forward saves nothing the size of the weight (the backward dequantizes again). An adapter's sums
+    with the base product run in place through one opaque op where the output is large (here: always)."""
+    if in_place:
+        monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
     layer = LoRALinear(base.to("cpu"), r=4, alpha=8) if adapter else base.to("cpu")
@@ -132,19 +137,26 @@ def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter):
     assert any("aten.index" in t for t in ops) and any("index_select" in t for t in ops), (
         ops
     )  # both passes seen
-    assert not any("bitsandbytes" in t or "lightning_qlora" in t for t in ops), ops
+    assert not any("bitsandbytes" in t or "dequantize_matmul" in t for t in ops), ops
+    # Compiled, an addmm copies its whole input before adding to it: in place, the sums have none.
+    assert any("addmm" in t for t in ops) == (adapter and not in_place), ops
+    sums = [t for t in ops if "lightning_qlora" in t]
+    assert sums == (["lightning_qlora.low_rank_plus_matmul.default"] if in_place else []), ops
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert seen["saved"] and not any(math.prod(shape) >= 48 * 64 for shape in seen["saved"]), seen["saved"]
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["addmm", "in-place"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["same-input", "dropout-input"])
-def test_the_traced_lora_function_gives_the_exact_gradients(dropout):
+def test_the_traced_lora_function_gives_the_exact_gradients(dropout, in_place, monkeypatch):
     """``_PackedLinearWithLoRA`` against autograd through the same arithmetic, in float64, with the adapter's
-    input the layer's own (``xd=None``) or a dropout's output."""
+    input the layer's own (``xd=None``) or a dropout's output, its sums in place (large outputs) or not."""
     from lightning_qlora.lora import _PackedLinearWithLoRA
 
+    if in_place:
+        monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
     spec, table, packed = base.to("cpu").packed()
