@@ -221,8 +221,12 @@ def test_compiled_4bit_blocks_train_like_eager():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_traced_dequantization_is_the_cuda_kernels_to_the_bit():
-    """bitsandbytes' CUDA kernels hard-code their tables: the traced dequantization equals them, eager and
-    compiled."""
+    """bitsandbytes' CUDA kernels hard-code their tables: the traced dequantization equals them eagerly, and
+    compiled with inductor's eager numerics. By default Triton contracts the nested absmax's ``a * b + c``
+    into one fused multiply-add, which rounds once where bitsandbytes' two kernels round twice: on an H200,
+    18 of 4,194,304 float16 values (and ~0.5% of float32 ones) one unit in the last place apart."""
+    import torch._inductor.config as inductor_config
+
     for quant_type in ("nf4", "fp4"):
         for double_quant in (True, False):
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -233,9 +237,18 @@ def test_gpu_traced_dequantization_is_the_cuda_kernels_to_the_bit():
                 want = dequantize(layer.weight)
                 for backward in (False, True):
                     assert torch.equal(dequantize_traced(spec, table, packed, backward=backward), want)
-                torch._dynamo.reset()  # a compile per case, not the cache's eager fallback after 8
-                compiled = torch.compile(dequantize_traced, fullgraph=True)(spec, table, packed)
-                assert torch.equal(compiled, want), (quant_type, double_quant, dtype)
+                case = (quant_type, double_quant, dtype)
+                for backward in (False, True):
+                    for eager_numerics in (True, False):
+                        torch._dynamo.reset()  # a compile per case, not the cache's eager fallback after 8
+                        with inductor_config.patch(emulate_precision_casts=eager_numerics):
+                            got = torch.compile(dequantize_traced, fullgraph=True)(
+                                spec, table, packed, backward
+                            )
+                        if eager_numerics:
+                            assert (got != want).sum().item() == 0, (case, backward)
+                        else:  # at most one unit in the last place
+                            torch.testing.assert_close(got, want, rtol=torch.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.gpu
