@@ -26,7 +26,8 @@ from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.bench import MODELS
 from lightning_qlora.builders import compose_recipe
 from lightning_qlora.data import build_byte_tokenizer
-from lightning_qlora.estimate import CUDA_CONTEXT_GIB, main, meta_model, will_fit
+from lightning_qlora.estimate import CUDA_CONTEXT_GIB, main, will_fit
+from lightning_qlora.hf_config import meta_model
 from lightning_qlora.memory import (
     ACTIVATIONS,
     ADAPTERS,
