@@ -25,7 +25,7 @@ from lightning_qlora import quant_report as qr
 from lightning_qlora.data import build_byte_tokenizer
 from lightning_qlora.nf4 import Linear4bit, QuantConfig, quantize_linears
 from lightning_qlora.quant_report import quality as ql
-from lightning_qlora.quant_report import study as st
+from lightning_qlora.quant_report import stdlib
 
 BUILTIN = Path(ql.__file__).parents[1] / "data" / "tiny_instruct.jsonl"
 # The micro Llama of the Hydra tests with 2 layers: 64 wide, so block sizes 32 and 64 fit.
@@ -380,32 +380,36 @@ def test_flags_that_would_be_ignored_or_are_out_of_range_are_refused(tmp_path, c
 
 
 def test_stdlib_corpus_holds_out_whole_files_in_chunks_that_fit(tmp_path):
-    plan = st.STDLIB_PLANS["tiny"]
-    stats = st.build_stdlib_corpus(tmp_path, plan)
+    plan = stdlib.STDLIB_PLANS["tiny"]
+    stats = stdlib.build_stdlib_corpus(tmp_path, plan)
     assert stats["files"] == stats["train_files"] + stats["val_files"] and stats["val_files"] > 0
     assert plan.corpus_bytes <= stats["bytes"] < plan.corpus_bytes + 2_000_000
     assert stats["val_bytes"] >= plan.corpus_bytes // 20
-    root, files = st.stdlib_files()
+    root, files = stdlib.stdlib_files()
     assert all("site-packages" not in p.parts for p in files)
     for split in ("train", "val"):
         chunks = [json.loads(line)["text"] for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         assert chunks and all(0 < len(c) <= stats["chunk_chars"] for c in chunks)
     val_text = (tmp_path / "val.jsonl").read_text()
     # a held-out file's first chunk is in val, never in train
-    held = next(p for p in files if st.is_held_out(p.relative_to(root).as_posix()) and p.read_text().strip())
-    first = json.dumps({"text": st._chunks(held.read_text(), stats["chunk_chars"])[0]})
+    held = next(
+        p for p in files if stdlib.is_held_out(p.relative_to(root).as_posix()) and p.read_text().strip()
+    )
+    first = json.dumps({"text": stdlib._chunks(held.read_text(), stats["chunk_chars"])[0]})
     assert first in val_text and first not in (tmp_path / "train.jsonl").read_text()
 
 
 def test_stdlib_plan_is_the_default_recipe_and_user_overrides_win(tmp_path):
     out = tmp_path / "it's here"  # a quote and a space: paths are quoted in the overrides
-    cfg = st.stdlib_config(out, st.STDLIB_PLANS["full"], torch.device("cpu"), ["data.max_length=1024"])
+    cfg = stdlib.stdlib_config(
+        out, stdlib.STDLIB_PLANS["full"], torch.device("cpu"), ["data.max_length=1024"]
+    )
     assert cfg.data.max_length == 1024  # the user's
     assert cfg.data.batch_size == 32 and cfg.optimizer.lr == 1e-3  # the plan's
     assert cfg.data.path == str(out / "data" / "train.jsonl") and cfg.model.tokenizer == str(
         out / "tokenizer"
     )
-    assert dict(cfg.model.from_config) == st.STDLIB_LLAMA
+    assert dict(cfg.model.from_config) == stdlib.STDLIB_LLAMA
     # ~100M parameters: 12 layers of 4 x 768^2 + 3 x 768 x 2048, and two 8192 x 768 embeddings
     linear = 12 * (4 * 768 * 768 + 3 * 768 * 2048)
     assert 95e6 < linear + 2 * 8192 * 768 + 25 * 768 < 100e6

@@ -285,7 +285,9 @@ def _prepare_quality(args: argparse.Namespace, blocksizes: tuple[int, ...], form
             device = default_device(args.device)
             flags = [f"data.max_length={args.max_length}"] if args.max_length is not None else []
             flags += [f"data.batch_size={args.batch_size}"] if args.batch_size is not None else []
-            prepared = st.prepare_stdlib_study(
+            from .stdlib import prepare_stdlib_study
+
+            prepared = prepare_stdlib_study(
                 args.out, "tiny" if args.tiny else "full", settings, device, [*args.overrides, *flags], _say
             )
         else:
