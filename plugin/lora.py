@@ -172,7 +172,7 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     The 4-bit weight is dequantized once in the forward and once in the backward and never saved;
     what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
     The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
-    Under torch.compile the same arithmetic runs as :class:`_PackedLinearWithLoRA`.
+    Under torch.compile the same sums run as :class:`_PackedLinearWithLoRA`.
     """
 
     @staticmethod
@@ -233,6 +233,8 @@ def low_rank_plus_matmul(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tenso
 
 @low_rank_plus_matmul.register_fake
 def _(low, up, x, w):
+    torch._check(low.shape[1] == up.shape[0] and x.shape[1] == w.shape[0])
+    torch._check(low.shape[0] == x.shape[0] and up.shape[1] == w.shape[1])
     return low.new_empty(low.shape[0], up.shape[1])
 
 
@@ -246,7 +248,11 @@ def _traced_sum(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
 class _PackedLinearWithLoRA(torch.autograd.Function):
     """:class:`_FrozenLinearWithLoRA` for torch.compile, which traces it: the 4-bit weight comes as its packed
     tensors and is dequantized by :func:`~lightning_qlora.nf4_matmul.dequantize_traced` (plain torch ops, fused by
-    compile into one kernel), in the forward and again in the backward; only the packed bytes are saved.
+    compile into one kernel), in the forward and again in the backward; of the weight, only the packed bytes are
+    saved (with the adapter's input, its rank-r projection and A, B).
+
+    The same sums as the eager function, added in place by :func:`_traced_sum`; the adapter's scale is folded
+    into ``B`` in the compute dtype (exact for a power-of-two scale, as the default ``alpha / r = 2``).
     """
 
     @staticmethod
