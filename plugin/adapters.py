@@ -16,8 +16,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .anatomy import hf_root
+from .atomic import TMP_MARK, fsync_path, owner_alive, remove_entry, replace_file, write_directory_atomically
 from .lora import LoRAConfig, LoRALinear, lora_layers
 from .nf4 import Linear4bit, QuantConfig, as_dtype, named_linears, parent_module
 from .nf4_matmul import dequantize
@@ -83,7 +82,7 @@ def save_adapter(
     Args:
         model: a model converted by ``QLoRAPrecision`` (an HF model, or a module wrapping one).
         directory: created if needed. The directory is written whole or not at all (a hidden temporary
-            sibling, fsynced, then renamed into place; see :func:`write_directory_atomically`), so an
+            sibling, fsynced, then renamed into place: :mod:`lightning_qlora.atomic`), so an
             interrupted save leaves the previous adapter or none, never a partial one. A directory
             that also holds other files keeps them; there the adapter files are replaced one by one,
             ``adapter_config.json`` removed first and written last.
@@ -165,15 +164,15 @@ def save_adapter(
         for entry in out.iterdir():  # temporaries of an earlier interrupted save like this one
             if (
                 entry.name.startswith(".")
-                and entry.name[1:].split(_TMP)[0] in files
-                and not _owner_alive(entry.name)
+                and entry.name[1:].split(TMP_MARK)[0] in files
+                and not owner_alive(entry.name)
             ):
-                _remove(entry)
+                remove_entry(entry)
         (out / ADAPTER_CONFIG).unlink(missing_ok=True)
         (out / ADAPTER_WEIGHTS_BIN).unlink(missing_ok=True)  # would shadow nothing, but mislead a reader
         for name, write in files.items():
-            _replace_file(out / name, write)
-        _fsync(out)
+            replace_file(out / name, write)
+        fsync_path(out)
         return out
 
     def write_all(tmp: Path) -> None:
@@ -182,152 +181,6 @@ def save_adapter(
 
     write_directory_atomically(out, write_all)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-# A directory is written whole or not at all: into a hidden sibling ".<name>.tmp-<pid>-<id>" (same
-# filesystem, so renames are atomic), every file fsynced, then renamed into place. An existing directory is
-# first renamed to ".<name>.old-<pid>-<id>" and removed once the new one is in place, so at every instant
-# "<name>" is absent or complete; recover_directory() puts the old copy back after a crash in between.
-_TMP, _OLD = ".tmp-", ".old-"
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a directory on Windows: nothing to flush
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_file(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _owner_alive(name: str) -> bool:
-    """Whether the process named in a ``.<dir>.tmp-<pid>-<id>`` entry is another live process."""
-    try:
-        pid = int(name.rsplit("-", 2)[-2])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def recover_directory(directory: str | os.PathLike) -> list[Path]:
-    """Cleans up after an interrupted :func:`write_directory_atomically` of ``directory``.
-
-    Removes its hidden temporary siblings (``.<name>.tmp-*``, never complete); if ``directory`` is
-    missing but a previous copy (``.<name>.old-*``) exists, the newest is renamed back, and other old
-    copies are removed. Entries of processes that are still running are left alone.
-
-    Returns:
-        The entries removed or restored.
-    """
-    out = Path(directory)
-    if not out.parent.is_dir():
-        return []
-    touched, olds = [], []
-    for entry in out.parent.iterdir():
-        if _owner_alive(entry.name):
-            continue
-        if entry.name.startswith(f".{out.name}{_TMP}"):
-            _remove(entry)
-            touched.append(entry)
-        elif entry.name.startswith(f".{out.name}{_OLD}"):
-            olds.append(entry)
-    for entry in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):
-        if not out.exists() and entry.is_dir():
-            os.rename(entry, out)  # the crash came between moving the old copy away and the new one in
-        else:
-            _remove(entry)
-        touched.append(entry)
-    if touched:
-        _fsync(out.parent)
-    return touched
-
-
-def recover_directories(parent: str | os.PathLike) -> list[Path]:
-    """:func:`recover_directory` for every directory in ``parent`` that an interrupted write left traces of."""
-    root = Path(parent)
-    if not root.is_dir():
-        return []
-    names = {
-        entry.name[1 : entry.name.rindex(marker)]
-        for entry in root.iterdir()
-        for marker in (_TMP, _OLD)
-        if entry.name.startswith(".") and marker in entry.name[1:]
-    }
-    return [p for name in sorted(names) for p in recover_directory(root / name)]
-
-
-def write_directory_atomically(directory: str | os.PathLike, write: Any) -> Path:
-    """Creates or replaces ``directory`` with what ``write(tmp)`` puts into an empty directory ``tmp``.
-
-    Readers see the old directory or the new one, complete and fsynced, never a part or a mixture. An
-    existing ``directory`` is replaced as a whole (what ``write`` does not write is gone). Traces of an
-    earlier interrupted write are cleaned first (:func:`recover_directory`).
-
-    Args:
-        directory: the directory to create or replace; its parent is created if needed.
-        write: fills the (hidden, sibling) temporary directory it is given.
-
-    Returns:
-        ``directory`` as a Path.
-    """
-    out = Path(directory)
-    if out.name in ("", ".", ".."):
-        out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    recover_directory(out)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}{_TMP}{token}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        for dirpath, _, names in os.walk(tmp):
-            for name in names:
-                _fsync(Path(dirpath) / name)
-            _fsync(Path(dirpath))
-        if out.exists():
-            old = out.parent / f".{out.name}{_OLD}{token}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            _fsync(out.parent)
-            _remove(old)
-        else:
-            os.rename(tmp, out)
-        _fsync(out.parent)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return Path(directory)
 
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -647,9 +500,6 @@ __all__ = [
     "read_adapter",
     "read_adapter_config",
     "read_qlora_config",
-    "recover_directories",
-    "recover_directory",
     "save_adapter",
     "target_names",
-    "write_directory_atomically",
 ]

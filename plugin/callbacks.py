@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from .adapters import recover_directories, save_adapter
+from .adapters import save_adapter
+from .atomic import recover_directories
 from .host_memory import host_peak_rss, host_rss
 from .sharding import gathered_adapters, is_sharded
 

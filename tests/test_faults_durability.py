@@ -32,9 +32,9 @@ from lightning_qlora.adapters import (
     ADAPTER_WEIGHTS,
     load_adapter,
     read_adapter_config,
-    recover_directories,
     save_adapter,
 )
+from lightning_qlora.atomic import recover_directories
 from lightning_qlora.data import EpochSampler, InstructDataModule, ResumableLoader, build_byte_tokenizer
 from lightning_qlora.lora import lora_layers
 
