@@ -135,12 +135,14 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if self.merged:
             return base(x)
+        dropout = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        # None: the adapter reads the input itself. Never the same tensor twice: dynamo cannot trace an
+        # autograd function given one tensor as two inputs (it breaks the compiled graph there).
+        xd = self.lora_dropout(x) if dropout else None
         if isinstance(base, Linear4bit) and _FUSED and torch.compiler.is_compiling():
             spec, table, packed = base.packed()
             # Base and adapter in one function, traced (see _PackedLinearWithLoRA).
             if traceable(spec, packed):
-                dropout = self.training and not isinstance(self.lora_dropout, nn.Identity)
-                xd = self.lora_dropout(x) if dropout else None  # None: the input itself
                 out = _PackedLinearWithLoRA.apply(
                     x, xd, self.lora_A.weight, self.lora_B.weight, self.scaling, spec, table, *packed
                 )
@@ -152,10 +154,10 @@ class LoRALinear(nn.Module):
         else:
             # Any other frozen layer (and, under torch.compile, a 4-bit one dequantize_traced cannot take).
             out = base(x)
-            lora = self.lora_dropout(x).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
+            lora = (x if xd is None else xd).to(out.dtype) @ self.lora_A.weight.to(out.dtype).t()
             return out + (lora @ self.lora_B.weight.to(out.dtype).t()) * self.scaling
         return _FrozenLinearWithLoRA.apply(
-            x, self.lora_dropout(x), base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, weight
+            x, xd, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, weight
         )
 
     def delta_weight(self) -> Tensor:
@@ -172,23 +174,35 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     The 4-bit weight is dequantized once in the forward and once in the backward and never saved;
     what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
     The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
-    Under torch.compile the same sums run as :class:`_PackedLinearWithLoRA`.
+    Under torch.compile a 4-bit base runs as :class:`_PackedLinearWithLoRA`, and a 16-bit one here with
+    the sums of :func:`_traced_sum`.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, xd: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float, weight: Tensor
+        ctx: Any,
+        x: Tensor,
+        xd: Tensor | None,
+        bias: Tensor | None,
+        a: Tensor,
+        b: Tensor,
+        s: float,
+        weight: Tensor,
     ):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        xd2 = x2 if xd is x else xd.reshape(-1, xd.shape[-1])
+        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
         w = weight_value(weight).to(dtype)
-        out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         a16, b16 = a.to(dtype), b.to(dtype)
         xa = xd2 @ a16.t()
-        out.addmm_(xa, b16.t(), alpha=s)
-        ctx.scaling, ctx.same_input, ctx.weight = s, xd is x, weight  # the weight referenced, never copied
-        ctx.x_shape, ctx.xd_shape = x.shape, xd.shape
+        if torch.compiler.is_compiling():  # a 16-bit base, traced: see _traced_sum
+            out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
+            out = out if bias is None else out + bias.to(dtype)
+        else:
+            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            out.addmm_(xa, b16.t(), alpha=s)
+        ctx.scaling, ctx.same_input, ctx.weight = s, xd is None, weight  # the weight referenced, never copied
+        ctx.x_shape, ctx.xd_shape = x.shape, None if xd is None else xd.shape
         ctx.save_for_backward(xd2, xa, a16, b16)
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -202,19 +216,30 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
         grad_b = (g2.t() @ (xa * s)).float() if ctx.needs_input_grad[4] else None
         grad_x = grad_xd = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            base = g2 @ weight_value(ctx.weight).to(g2.dtype)
-            grad_x, grad_xd = _input_grads(base, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape)
+            w = weight_value(ctx.weight).to(g2.dtype)
+            grad_x, grad_xd = _input_grads(
+                g2, w, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape, torch.compiler.is_compiling()
+            )
         return grad_x, grad_xd, None, grad_a, grad_b, None, None
 
 
 def _input_grads(
-    base: Tensor, grad_xa: Tensor, a16: Tensor, same_input: bool, x_shape: torch.Size, xd_shape: Any
+    g2: Tensor,
+    w: Tensor,
+    grad_xa: Tensor,
+    a16: Tensor,
+    same_input: bool,
+    x_shape: torch.Size,
+    xd_shape: Any,
+    traced: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """The layer's input gradient (``base``, the frozen weight's part, plus the adapter's when the adapter reads
-    the same input: one ``addmm_``) and, when dropout gave the adapter an input of its own, that input's."""
+    """The layer's input gradient (``g2 @ w``, the frozen weight's part, plus the adapter's when the adapter
+    reads the same input: one in-place sum, through :func:`_traced_sum` when ``traced``) and, when dropout gave
+    the adapter an input of its own, that input's."""
     if same_input:
-        return base.addmm_(grad_xa, a16).view(x_shape), None
-    return base.view(x_shape), (grad_xa @ a16).view(xd_shape)
+        total = _traced_sum(grad_xa, a16, g2, w) if traced else (g2 @ w).addmm_(grad_xa, a16)
+        return total.view(x_shape), None
+    return (g2 @ w).view(x_shape), (grad_xa @ a16).view(xd_shape)
 
 
 # Compiled, an in-place sum of two products is functionalized: ``addmm_`` becomes an out-of-place addmm, which
@@ -291,10 +316,9 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         grad_a = (grad_xa.t() @ xd2).to(a.dtype)
         grad_b = (g2.t() @ (xa * s)).to(b.dtype)
         w = dequantize_traced(ctx.spec, table, packed, backward=True).to(g2.dtype)
-        if ctx.same_input:
-            grad_x, grad_xd = _traced_sum(grad_xa, a16, g2, w).view(ctx.x_shape), None
-        else:
-            grad_x, grad_xd = (g2 @ w).view(ctx.x_shape), (grad_xa @ a16).view(ctx.xd_shape)
+        grad_x, grad_xd = _input_grads(
+            g2, w, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape, traced=True
+        )
         return grad_x, grad_xd, grad_a, grad_b, None, None, None, *([None] * len(packed))
 
 

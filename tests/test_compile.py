@@ -148,6 +148,28 @@ def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter, in_pl
     assert seen["saved"] and not any(math.prod(shape) >= 48 * 64 for shape in seen["saved"]), seen["saved"]
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_a_compiled_16bit_lora_layer_sums_in_place(bias, monkeypatch):
+    """A frozen 16-bit base with an adapter, compiled: its sums go through the in-place op (no addmm, whose
+    copy of the output the op avoids), with eager's outputs and gradients."""
+    monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=bias).requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    params = [layer.lora_A.weight, layer.lora_B.weight]
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    eager = layer(x)
+    want = torch.autograd.grad(eager.sum(), (x, *params))
+    compiled, seen = _compiled(layer, x)
+    got = torch.autograd.grad(compiled.sum(), (x, *params))
+    assert not any("addmm" in t for t in seen["ops"]), seen["ops"]
+    assert "lightning_qlora.low_rank_plus_matmul.default" in seen["ops"], seen["ops"]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_the_in_place_sum_op_is_registered_soundly():
     """``torch.library.opcheck``: schema, fake tensor (shapes, strides, dtype), autograd registration, and AOT
     dispatch with dynamic shapes, on the shapes a LoRA layer gives it (forward and input gradient)."""
@@ -203,13 +225,19 @@ def test_a_compiled_lora_layer_matches_eager_outputs_and_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _train(compiled: bool, steps: int = 3) -> list[float]:
+def _train(compiled: bool, quantized: bool = True, steps: int = 3) -> list[float]:
+    """Losses of a few steps; compiled, the blocks must compile whole (a graph break runs code eagerly)."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config())
-    QLoRAPrecision(
-        quant=QuantConfig(compute_dtype=torch.float32, blocksize=32), lora=LoRAConfig(r=4)
-    ).convert_module(model).to("cpu")
+    quant = QuantConfig(compute_dtype=torch.float32, blocksize=32) if quantized else None
+    QLoRAPrecision(quant=quant, lora=LoRAConfig(r=4), compute_dtype=torch.float32).convert_module(model).to(
+        "cpu"
+    )
     if compiled:
+        torch._dynamo.reset()
+        counters.clear()
         assert compile_blocks(model) == 2
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -221,12 +249,17 @@ def _train(compiled: bool, steps: int = 3) -> list[float]:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    if compiled:
+        assert not counters["graph_break"], dict(counters["graph_break"])
     return losses
 
 
 @pytest.mark.slow
-def test_compiled_4bit_blocks_train_like_eager():
-    eager, compiled = _train(False), _train(True)
+@pytest.mark.parametrize("quantized", [True, False], ids=["4bit", "16bit"])
+def test_compiled_blocks_train_like_eager_without_a_graph_break(quantized):
+    """The 16-bit base once broke every compiled block at each adapted layer (one tensor given twice to an
+    autograd function), so its layers ran eagerly between graph pieces, silently."""
+    eager, compiled = _train(False, quantized), _train(True, quantized)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert eager[-1] < eager[0]
 
