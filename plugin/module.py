@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .anatomy import decoder_layers
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing
+from .messages import say
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 from .sharding import is_sharded
 
@@ -261,6 +262,19 @@ class CausalLMModule(L.LightningModule):
             compile_blocks(self.model)
             self.model._blocks_compiled = True
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the first step the blocks have compiled (forward and backward): say if they did not compile
+        # whole, since the parts between graph pieces run eagerly, slower, and nothing else would show it.
+        if getattr(self.model, "_blocks_compiled", False) and not getattr(self, "_graph_breaks_told", False):
+            self._graph_breaks_told = True
+            count, first = graph_breaks()
+            if count and (self._trainer is None or self.trainer.is_global_zero):
+                say(
+                    f"warning: torch.compile split the compiled decoder blocks at {count} place(s) (first: "
+                    f"{first}); the code between the pieces runs eagerly, slower. model.compile=false turns "
+                    "compiling off"
+                )
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.config.activation_checkpointing == "auto" and self.checkpointing_estimate is None:
             self.checkpointing_estimate = self._choose_checkpointing(batch["input_ids"].shape)
@@ -355,6 +369,15 @@ def compile_blocks(model: nn.Module) -> int:
         else:
             block.compile()
     return len(blocks)
+
+
+def graph_breaks() -> tuple[int, str | None]:
+    """How many graph breaks torch.compile has had in this process, and the first one's reason (one line)."""
+    from torch._dynamo.utils import counters
+
+    breaks = counters["graph_break"]
+    first = next(iter(breaks), None)
+    return sum(breaks.values()), None if first is None else str(first).strip().splitlines()[0]
 
 
 def plan_checkpointing(

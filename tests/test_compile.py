@@ -337,3 +337,34 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
         assert torch.isfinite(got).all(), name
         # bf16 compute, bitsandbytes' kernel and cuBLAS (eager) vs compiled kernels: close, not bitwise
         assert (got - want).norm() <= 0.02 * want.norm() + 1e-6, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", [False, True], ids=["whole", "split"])
+def test_the_app_says_when_its_compiled_blocks_do_not_compile_whole(broken, capfd):
+    """A graph break inside a compiled block (here a user's hook that forces one) runs the code between the
+    pieces eagerly: after the first step the module says so in one line, and stays quiet otherwise."""
+    import lightning as L
+    from tiny import TINY
+
+    from lightning_qlora.anatomy import decoder_layers
+    from lightning_qlora.module import CausalLMModule
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype="float32", blocksize=32), lora=LoRAConfig(r=4))
+    module = CausalLMModule(from_config={"model_type": "llama", **TINY}, compile=True)
+    with plugin.module_init_context():
+        module.configure_model()
+    if broken:
+        decoder_layers(module.model)[0].register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, plugins=[plugin])  # fmt: skip
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    assert module.model._blocks_compiled
+    said = [line for line in capfd.readouterr().err.splitlines() if "torch.compile split" in line]
+    assert len(said) == (1 if broken else 0), said
+    if broken:
+        assert said[0].startswith("lightning-qlora: warning:") and "model.compile=false" in said[0]
