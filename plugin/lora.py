@@ -245,22 +245,32 @@ def _input_grads(
 # Compiled, an in-place sum of two products is functionalized: ``addmm_`` becomes an out-of-place addmm, which
 # copies its whole input before adding. On an H200, 7B at 4 x 2048, that copy and a rank-r product rewriting
 # each output took 78 ms of a 677 ms step. An opaque op keeps the sum in place, in cuBLAS's epilogue: 7B
-# +6.6%. But each call of it costs ~25 us on the host, which a host-bound step pays (1B, every layer through
-# it: -4.9%), so only outputs of at least 2**25 elements take it: their copy (~40 us at ~3 TB/s) costs more.
+# +6.6%. Its call costs the host more than a plain addmm, which a host-bound step pays: declared with
+# torch.library.custom_op (~21 us over the direct call, measured on a 2-core CPU) it cost 1B 4.9% with every
+# sum through it. So it is declared without custom_op's Python layers (~4 us over), and only outputs of at
+# least 2**25 elements take it: their copy alone (~40 us at ~3 TB/s) costs more.
 _IN_PLACE_MIN_ELEMENTS = 2**25
 
+torch.library.define(
+    "lightning_qlora::low_rank_plus_matmul", "(Tensor low, Tensor up, Tensor x, Tensor w) -> Tensor"
+)
 
-@torch.library.custom_op("lightning_qlora::low_rank_plus_matmul", mutates_args=())
-def low_rank_plus_matmul(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """``low @ up + x @ w``: the rank-r product written first, the full one added to it in place."""
+
+@torch.library.impl("lightning_qlora::low_rank_plus_matmul", "CompositeExplicitAutograd")
+def _low_rank_plus_matmul(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``low @ up + x @ w``: the rank-r product written first, the full one added to it in place. Called inside
+    this module's autograd functions, under no_grad: it has no gradient formula of its own."""
     return (low @ up).addmm_(x, w)
 
 
-@low_rank_plus_matmul.register_fake
+@torch.library.register_fake("lightning_qlora::low_rank_plus_matmul")
 def _(low, up, x, w):
     torch._check(low.shape[1] == up.shape[0] and x.shape[1] == w.shape[0])
     torch._check(low.shape[0] == x.shape[0] and up.shape[1] == w.shape[1])
     return low.new_empty(low.shape[0], up.shape[1])
+
+
+low_rank_plus_matmul = torch.ops.lightning_qlora.low_rank_plus_matmul.default
 
 
 def _traced_sum(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
