@@ -269,10 +269,11 @@ class CausalLMModule(L.LightningModule):
             self._graph_breaks_told = True
             count, first = graph_breaks()
             if count and (self._trainer is None or self.trainer.is_global_zero):
+                # dynamo counts per process: a break in the user's own compiled code is counted too
                 say(
-                    f"warning: torch.compile split the compiled decoder blocks at {count} place(s) (first: "
-                    f"{first}); the code between the pieces runs eagerly, slower. model.compile=false turns "
-                    "compiling off"
+                    f"warning: torch.compile broke its graphs at {count} place(s) in this run (first: {first}); "
+                    "code between the pieces runs eagerly, slower. model.compile=false turns compiling the "
+                    "decoder blocks off"
                 )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
