@@ -190,11 +190,8 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
         weight: Tensor,
     ):
         dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+        x2, xd2, a16, b16, xa = _adapter_inputs(x, xd, a, b)
         w = weight_value(weight).to(dtype)
-        a16, b16 = a.to(dtype), b.to(dtype)
-        xa = xd2 @ a16.t()
         if torch.compiler.is_compiling():  # a 16-bit base, traced: see _traced_sum
             out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
             out = out if bias is None else out + bias.to(dtype)
@@ -221,6 +218,15 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
                 g2, w, grad_xa, a16, ctx.same_input, ctx.x_shape, ctx.xd_shape, torch.compiler.is_compiling()
             )
         return grad_x, grad_xd, None, grad_a, grad_b, None, None
+
+
+def _adapter_inputs(x: Tensor, xd: Tensor | None, a: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+    """The layer's input and the adapter's (``xd``; None: the same) as rows, A and B in the input's dtype, and
+    the adapter's rank-r projection ``xd @ A.T``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
+    a16, b16 = a.to(x.dtype), b.to(x.dtype)
+    return x2, xd2, a16, b16, xd2 @ a16.t()
 
 
 def _input_grads(
@@ -302,12 +308,8 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
         table: Tensor,
         *packed: Tensor,
     ):
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        xd2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
-        w = dequantize_traced(spec, table, packed).to(dtype)
-        a16, b16 = a.to(dtype), b.to(dtype)
-        xa = xd2 @ a16.t()
+        x2, _, _, b16, xa = _adapter_inputs(x, xd, a, b)
+        w = dequantize_traced(spec, table, packed).to(x.dtype)
         out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
         # The inputs themselves, not views of them made here: compile traces this function.
         ctx.save_for_backward(x if xd is None else xd, xa, a, b, table, *packed)
