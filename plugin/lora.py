@@ -175,7 +175,7 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
     what is saved is the adapter input and the rank-``r`` projection (both small next to ``W``).
     The scale and the sum fold into one ``addmm``; the base and adapter input gradients into another.
     Under torch.compile a 4-bit base runs as :class:`_PackedLinearWithLoRA`, and a 16-bit one here with
-    the sums of :func:`_traced_sum`.
+    the sums of :data:`low_rank_plus_matmul`.
     """
 
     @staticmethod
@@ -192,8 +192,8 @@ class _FrozenLinearWithLoRA(torch.autograd.Function):
         dtype = x.dtype
         x2, xd2, a16, b16, xa = _adapter_inputs(x, xd, a, b)
         w = weight_value(weight).to(dtype)
-        if torch.compiler.is_compiling():  # a 16-bit base, traced: see _traced_sum
-            out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
+        if torch.compiler.is_compiling():  # a 16-bit base, traced: see low_rank_plus_matmul
+            out = low_rank_plus_matmul(xa, (b16 * s).t(), x2, w.t())
             out = out if bias is None else out + bias.to(dtype)
         else:
             out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
@@ -240,10 +240,10 @@ def _input_grads(
     traced: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """The layer's input gradient (``g2 @ w``, the frozen weight's part, plus the adapter's when the adapter
-    reads the same input: one in-place sum, through :func:`_traced_sum` when ``traced``) and, when dropout gave
-    the adapter an input of its own, that input's."""
+    reads the same input: one in-place sum, through :data:`low_rank_plus_matmul` when ``traced``) and, when
+    dropout gave the adapter an input of its own, that input's."""
     if same_input:
-        total = _traced_sum(grad_xa, a16, g2, w) if traced else (g2 @ w).addmm_(grad_xa, a16)
+        total = low_rank_plus_matmul(grad_xa, a16, g2, w) if traced else (g2 @ w).addmm_(grad_xa, a16)
         return total.view(x_shape), None
     return (g2 @ w).view(x_shape), (grad_xa @ a16).view(xd_shape)
 
@@ -251,12 +251,9 @@ def _input_grads(
 # Compiled, an in-place sum of two products is functionalized: ``addmm_`` becomes an out-of-place addmm, which
 # copies its whole input before adding. On an H200, 7B at 4 x 2048, that copy and a rank-r product rewriting
 # each output took 78 ms of a 677 ms step. An opaque op keeps the sum in place, in cuBLAS's epilogue: 7B
-# +6.6%. Its call costs the host more than a plain addmm, which a host-bound step pays: declared with
-# torch.library.custom_op (~21 us over the direct call, measured on a 2-core CPU) it cost 1B 4.9% with every
-# sum through it. So it is declared without custom_op's Python layers (~4 us over), and only outputs of at
-# least 2**25 elements take it: their copy alone (~40 us at ~3 TB/s) costs more.
-_IN_PLACE_MIN_ELEMENTS = 2**25
-
+# +6.6%. Declared without torch.library.custom_op's Python layers, its call costs the host ~4 us over the
+# direct one (custom_op: ~21 us, which cost the host-bound 1B step 4.9%); declared so, every sum through it
+# made 1B 7% faster than only the large ones (H200, same call), so every traced sum takes it.
 torch.library.define(
     "lightning_qlora::low_rank_plus_matmul", "(Tensor low, Tensor up, Tensor x, Tensor w) -> Tensor"
 )
@@ -279,21 +276,14 @@ def _(low, up, x, w):
 low_rank_plus_matmul = torch.ops.lightning_qlora.low_rank_plus_matmul.default
 
 
-def _traced_sum(low: Tensor, up: Tensor, x: Tensor, w: Tensor) -> Tensor:
-    """``low @ up + x @ w`` under torch.compile: in place through the opaque op where its output is large."""
-    if low.shape[0] * up.shape[1] >= _IN_PLACE_MIN_ELEMENTS:
-        return low_rank_plus_matmul(low, up, x, w)
-    return (x @ w).addmm_(low, up)
-
-
 class _PackedLinearWithLoRA(torch.autograd.Function):
     """:class:`_FrozenLinearWithLoRA` for torch.compile, which traces it: the 4-bit weight comes as its packed
     tensors and is dequantized by :func:`~lightning_qlora.nf4_matmul.dequantize_traced` (plain torch ops, fused by
     compile into one kernel), in the forward and again in the backward; of the weight, only the packed bytes are
     saved (with the adapter's input, its rank-r projection and A, B).
 
-    The same sums as the eager function, added in place by :func:`_traced_sum`; the adapter's scale is folded
-    into ``B`` in the compute dtype (exact for a power-of-two scale, as the default ``alpha / r = 2``).
+    The same sums as the eager function, added in place by :data:`low_rank_plus_matmul`; the adapter's scale
+    is folded into ``B`` in the compute dtype (exact for a power-of-two scale, as the default ``alpha / r = 2``).
     """
 
     @staticmethod
@@ -310,7 +300,7 @@ class _PackedLinearWithLoRA(torch.autograd.Function):
     ):
         x2, _, _, b16, xa = _adapter_inputs(x, xd, a, b)
         w = dequantize_traced(spec, table, packed).to(x.dtype)
-        out = _traced_sum(xa, (b16 * s).t(), x2, w.t())
+        out = low_rank_plus_matmul(xa, (b16 * s).t(), x2, w.t())
         # The inputs themselves, not views of them made here: compile traces this function.
         ctx.save_for_backward(x if xd is None else xd, xa, a, b, table, *packed)
         ctx.scaling, ctx.spec, ctx.same_input = s, spec, xd is None

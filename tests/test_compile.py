@@ -112,16 +112,12 @@ def test_traced_dequantization_is_bitsandbytes_to_the_bit(
             assert got.dtype == want.dtype and torch.equal(got, want), (dtype, backward)
 
 
-@pytest.mark.parametrize(
-    "adapter, in_place", [(True, True), (True, False), (False, False)], ids=["lora-in-place", "lora", "plain"]
-)
-def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter, in_place, monkeypatch):
+@pytest.mark.parametrize("adapter", [True, False], ids=["lora", "plain"])
+def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter):
     """Under torch.compile a 4-bit layer (with its adapter) is plain torch ops in forward and backward: no
     bitsandbytes call, no opaque dequantization, one graph; the same outputs and gradients as eager; and the
     compiled forward saves nothing the size of the weight (the backward dequantizes again). An adapter's sums
-    with the base product run in place through one opaque op where the output is large (here: always)."""
-    if in_place:
-        monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
+    with the base product run in place through one opaque op."""
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
     layer = LoRALinear(base.to("cpu"), r=4, alpha=8) if adapter else base.to("cpu")
@@ -139,9 +135,9 @@ def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter, in_pl
     )  # both passes seen
     assert not any("bitsandbytes" in t or "dequantize_matmul" in t for t in ops), ops
     # Compiled, an addmm copies its whole input before adding to it: in place, the sums have none.
-    assert any("addmm" in t for t in ops) == (adapter and not in_place), ops
+    assert not any("addmm" in t for t in ops), ops
     sums = [t for t in ops if "lightning_qlora" in t]
-    assert sums == (["lightning_qlora.low_rank_plus_matmul.default"] if in_place else []), ops
+    assert sums == (["lightning_qlora.low_rank_plus_matmul.default"] if adapter else []), ops
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -149,10 +145,9 @@ def test_compiled_4bit_layers_are_traced_and_save_no_16bit_weight(adapter, in_pl
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_a_compiled_16bit_lora_layer_sums_in_place(bias, monkeypatch):
+def test_a_compiled_16bit_lora_layer_sums_in_place(bias):
     """A frozen 16-bit base with an adapter, compiled: its sums go through the in-place op (no addmm, whose
     copy of the output the op avoids), with eager's outputs and gradients."""
-    monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=bias).requires_grad_(False)
     layer = LoRALinear(base, r=4, alpha=8)
@@ -183,15 +178,12 @@ def test_the_in_place_sum_op_is_registered_soundly():
     torch.testing.assert_close(low_rank_plus_matmul(low, up, x, w), low @ up + x @ w)
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["addmm", "in-place"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["same-input", "dropout-input"])
-def test_the_traced_lora_function_gives_the_exact_gradients(dropout, in_place, monkeypatch):
+def test_the_traced_lora_function_gives_the_exact_gradients(dropout):
     """``_PackedLinearWithLoRA`` against autograd through the same arithmetic, in float64, with the adapter's
-    input the layer's own (``xd=None``) or a dropout's output, its sums in place (large outputs) or not."""
+    input the layer's own (``xd=None``) or a dropout's output."""
     from lightning_qlora.lora import _PackedLinearWithLoRA
 
-    if in_place:
-        monkeypatch.setattr("lightning_qlora.lora._IN_PLACE_MIN_ELEMENTS", 0)
     torch.manual_seed(0)
     base = Linear4bit.from_linear(nn.Linear(64, 48), QuantConfig(compute_dtype=torch.float32, blocksize=32))
     spec, table, packed = base.to("cpu").packed()
@@ -270,7 +262,9 @@ def test_gpu_traced_dequantization_matches_the_cuda_kernels():
     """bitsandbytes' CUDA kernels hard-code their tables: the traced dequantization equals them to the bit
     eagerly, and compiled with inductor's eager numerics. By default Triton contracts the nested absmax's
     ``a * b + c`` into one fused multiply-add, which rounds once where bitsandbytes' two kernels round twice:
-    on an H200, 18 of 4,194,304 float16 values (and ~0.5% of float32 ones) one unit in the last place apart."""
+    the block's absmax can differ by one unit in the last place, and the value (a code's table value times
+    that absmax, rounded again) by two. On an H200: 18 of 4,194,304 float16 values apart, ~0.5% of float32
+    ones, by up to 2 units."""
     import torch._inductor.config as inductor_config
 
     # Inductor versions without the setting (it turns Triton's fp fusion off) check the default compile only.
@@ -300,10 +294,11 @@ def test_gpu_traced_dequantization_matches_the_cuda_kernels():
                             )
                         if eager_numerics:
                             assert torch.equal(got, want), (case, backward)
-                        else:  # same signs, at most one unit in the last place apart
+                        else:  # same signs, at most two units in the last place apart
                             assert torch.equal(got.sign(), want.sign()), (case, backward)
                             apart = (got.view(bits[dtype]).int() - want.view(bits[dtype]).int()).abs()
-                            assert apart.max().item() <= 1, (case, backward, apart.max().item())
+                            apart[got == want] = 0  # fp4's -0 code: -0.0 against +0.0 is no difference
+                            assert apart.max().item() <= 2, (case, backward, apart.max().item())
 
 
 @pytest.mark.gpu
