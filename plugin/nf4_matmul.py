@@ -122,8 +122,15 @@ def dequantize_traced(
     packed, absmax = tensors[:2]
     if len(tensors) > 2:
         nested_absmax, nested_code, offset = tensors[2:]
-        block = torch.arange(absmax.numel(), device=absmax.device) // nested_blocksize
-        absmax = nested_code[absmax.int()] * nested_absmax[block] + offset
+        # Each block of nested_blocksize codes shares one nested absmax: broadcast over the codes viewed as rows,
+        # the last row padded when cut short. Indexing with arange(n) // nested_blocksize instead was miscompiled
+        # by inductor (torch 2.13, CPU) whenever n was not a multiple: values past the last whole block unset.
+        n = absmax.numel()
+        codes = absmax.int()
+        if n % nested_blocksize:
+            codes = torch.nn.functional.pad(codes, (0, -n % nested_blocksize))
+        rows = nested_code[codes].view(-1, nested_blocksize)
+        absmax = (rows * nested_absmax.view(-1, 1) + offset).view(-1)[:n]
     codes = packed.view(torch.uint8).reshape(-1)
     if backward:
         high = torch.div(codes, 16, rounding_mode="floor")
