@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .anatomy import decoder_layers
+from .blocks import compile_blocks, graph_breaks, set_activation_checkpointing
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing
 from .messages import say
@@ -340,47 +340,6 @@ class CausalLMModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` every block of the model's largest ``nn.ModuleList`` (its decoder layers).
-
-    Compiling block by block keeps compile time to one block's graph, reused for all of them,
-    with the 4-bit layers traced into it (``nf4_matmul.dequantize_traced``: whole-block weights call no bitsandbytes).
-
-    Returns:
-        How many blocks were compiled.
-    """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return 0
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-    import torch._dynamo
-
-    # The blocks differ only in constants like layer_idx; each may get its own guard entry.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(blocks))
-    torch._dynamo.config.accumulated_cache_size_limit = max(
-        torch._dynamo.config.accumulated_cache_size_limit, 4 * len(blocks)
-    )
-    from torch.distributed.fsdp import FSDPModule
-
-    for block in blocks:
-        if isinstance(block, FSDPModule):
-            # Only the forward: FSDP2's gather and reshard hooks run around it, outside the graph (as
-            # torchtitan compiles blocks), so dynamo never traces the collectives.
-            block.forward = torch.compile(block.forward)
-        else:
-            block.compile()
-    return len(blocks)
-
-
-def graph_breaks() -> tuple[int, str | None]:
-    """How many graph breaks torch.compile has had in this process, and the first one's reason (one line)."""
-    from torch._dynamo.utils import counters
-
-    breaks = counters["graph_break"]
-    first = next(iter(breaks), None)
-    return sum(breaks.values()), None if first is None else str(first).strip().splitlines()[0]
-
-
 def plan_checkpointing(
     config: ModelConfig,
     hf_config: Any,
@@ -420,36 +379,3 @@ def plan_checkpointing(
         devices=devices,
         strategy="fsdp" if sharded else "ddp",
     )
-
-
-def set_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1) -> None:
-    """Turns non-reentrant activation checkpointing on for the decoder layers ``mode`` selects.
-
-    ``every_n_layers`` and ``offload`` are set per layer here (rather than through transformers'
-    own arguments, which only recent releases have), so they work on every transformers 4.46+.
-    """
-    if mode == "none":
-        if getattr(model, "is_gradient_checkpointing", False):
-            model.gradient_checkpointing_disable()
-        return
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for index, layer in enumerate(decoder_layers(model)):
-        layer.gradient_checkpointing = mode != "every_n_layers" or index % max(every_n, 1) == 0
-        func = getattr(layer, "_gradient_checkpointing_func", None)
-        if mode == "offload" and func is not None and not getattr(func, "_offloaded", False):
-            layer._gradient_checkpointing_func = _offloaded(func)
-
-
-def _offloaded(checkpoint_func: Any) -> Any:
-    """The checkpoint function with what it saves (the layer's input) held in pinned host memory."""
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            return checkpoint_func(*args, **kwargs)
-
-    run._offloaded = True
-    return run

@@ -12,8 +12,9 @@ from tiny import TINY
 
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.anatomy import decoder_layers
+from lightning_qlora.blocks import block_checkpointing, set_activation_checkpointing
 from lightning_qlora.memory import GIB, Shapes, activation_bytes_per_token, choose_checkpointing, estimate
-from lightning_qlora.module import CausalLMModule, set_activation_checkpointing
+from lightning_qlora.module import CausalLMModule
 
 LAYERS, BATCH, SEQ = 4, 2, 64
 
@@ -66,17 +67,16 @@ def test_the_estimate_of_kept_activations_matches_what_autograd_saves(dtype, byt
 
 def test_every_n_layers_checkpoints_layers_0_n_2n():
     module = _module()
+    layers = decoder_layers(module.model)
     set_activation_checkpointing(module.model, "every_n_layers", 2)
-    assert [layer.gradient_checkpointing for layer in decoder_layers(module.model)] == [
-        True,
-        False,
-        True,
-        False,
-    ]
+    assert [block_checkpointing(layer) for layer in layers] == ["recompute", "none", "recompute", "none"]
+    set_activation_checkpointing(module.model, "offload")
+    assert [block_checkpointing(layer) for layer in layers] == ["offload"] * LAYERS
     set_activation_checkpointing(module.model, "full")
-    assert all(layer.gradient_checkpointing for layer in decoder_layers(module.model))
+    assert [block_checkpointing(layer) for layer in layers] == ["recompute"] * LAYERS
     set_activation_checkpointing(module.model, "none")
-    assert not any(layer.gradient_checkpointing for layer in decoder_layers(module.model))
+    assert [block_checkpointing(layer) for layer in layers] == ["none"] * LAYERS
+    assert not any(layer.gradient_checkpointing for layer in layers), "transformers' own flag stays off"
 
 
 @pytest.mark.parametrize("mode", ["full", "every_n_layers", "offload"])
@@ -145,7 +145,7 @@ def test_auto_decides_at_the_first_batch_from_its_shape():
                         plugins=[QLoRAPrecision(quant=QuantConfig(compute_dtype="float32"), lora=LoRAConfig(r=4))])  # fmt: skip
     trainer.fit(module, torch.utils.data.DataLoader([_batch()], batch_size=None))
     assert module.checkpointing_estimate.checkpointing == "none"  # 64 GiB is plenty for the tiny model
-    assert not any(layer.gradient_checkpointing for layer in decoder_layers(module.model))
+    assert [block_checkpointing(layer) for layer in decoder_layers(module.model)] == ["none"] * LAYERS
 
 
 def test_auto_without_a_budget_is_refused():

@@ -10,8 +10,8 @@ from tiny import tiny_llama_config
 from torch import nn
 
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
+from lightning_qlora.blocks import compile_blocks
 from lightning_qlora.loss import linear_cross_entropy
-from lightning_qlora.module import compile_blocks
 from lightning_qlora.nf4_matmul import (
     dequantize,
     dequantize_packed,
@@ -360,7 +360,7 @@ def test_the_app_says_when_its_compiled_blocks_do_not_compile_whole(broken, capf
     with plugin.module_init_context():
         module.configure_model()
     if broken:
-        decoder_layers(module.model)[0].register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
+        decoder_layers(module.model)[0].mlp.register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
     ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,

@@ -1,0 +1,83 @@
+"""The decoder blocks' wiring: activation checkpointing and torch.compile together, on a 4-bit tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny import tiny_llama_config
+
+from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+from lightning_qlora.anatomy import decoder_layers
+from lightning_qlora.blocks import compile_blocks, set_activation_checkpointing
+from lightning_qlora.loss import linear_cross_entropy
+
+LAYERS = 2
+ADAPTED = 7  # q, k, v, o, gate, up, down
+
+
+def _steps(mode: str, compiled: bool, steps: int = 2) -> tuple[list[float], int, int]:
+    """Losses of a few steps, the in-place sum op's calls in the last one (one per adapted layer's product,
+    the forward's and the backward's), and dynamo's graph breaks."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
+    quant = QuantConfig(compute_dtype=torch.float32, blocksize=32)
+    QLoRAPrecision(quant=quant, lora=LoRAConfig(r=4), compute_dtype=torch.float32).convert_module(model).to(
+        "cpu"
+    )
+    model.train()
+    model.config.use_cache = False
+    set_activation_checkpointing(model, mode)
+    torch._dynamo.reset()
+    counters.clear()
+    if compiled:
+        assert compile_blocks(model) == LAYERS
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses, calls = [], 0
+    for _ in range(steps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            hidden = model.model(input_ids=ids).last_hidden_state
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, ids)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        calls = sum(1 for e in prof.events() if e.name == "lightning_qlora::low_rank_plus_matmul")
+    return losses, calls, sum(counters["graph_break"].values())
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_train_like_eager_and_recompute_only_what_the_backward_reads():
+    """``full``: the checkpoint inside the compiled forward, so the backward recomputes each adapted layer but
+    the block's last (its output only feeds the next block); ``offload``: the checkpoint and its host copies
+    outside (dynamo cannot trace ``save_on_cpu``: on transformers 5.24 it broke every block's graph), so the
+    whole compiled forward runs again. Every mode without a graph break, with eager's losses."""
+    eager, _, _ = _steps("none", compiled=False)
+    runs = {mode: _steps(mode, compiled=True) for mode in ("none", "full", "offload")}
+    for mode, (losses, _, breaks) in runs.items():
+        assert breaks == 0, mode
+        torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-5)
+    recomputed = {mode: runs[mode][1] - runs["none"][1] for mode in ("full", "offload")}
+    assert recomputed["offload"] == ADAPTED * LAYERS
+    assert 0 < recomputed["full"] < ADAPTED * LAYERS, recomputed
+
+
+def test_the_blocks_checkpoint_their_forward_not_their_hooks():
+    """A recompute runs the block's ``forward`` again, never its module hooks (FSDP2's gathers), whichever way
+    the installed transformers checkpoints (5.17 its layers' ``__call__``, 5.24 their ``forward``)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
+    model.train()
+    model.config.use_cache = False
+    set_activation_checkpointing(model, "full")
+    hooks, forwards = [], []
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(lambda *_: hooks.append(1))
+        layer.mlp.register_forward_pre_hook(lambda *_: forwards.append(1))
+        assert not layer.gradient_checkpointing  # transformers' own stays off
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids).logits.sum().backward()
+    assert len(hooks) == LAYERS and len(forwards) == 2 * LAYERS
