@@ -26,12 +26,9 @@ def hf_root(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The blocks transformers checkpoints (``GradientCheckpointingLayer``, or any non-model module with a
-    ``gradient_checkpointing`` flag in older releases), in order."""
-    from transformers import PreTrainedModel
+    """The blocks transformers checkpoints one by one (its ``GradientCheckpointingLayer``s: a Llama's decoder
+    layers), in order. Containers that carry a ``gradient_checkpointing`` flag for their children (RoFormer's
+    encoder, say) are not among them."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "gradient_checkpointing") and not isinstance(m, PreTrainedModel)
-    ]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -17,6 +17,7 @@ Module hooks (FSDP2's gathers) run around ``forward``, outside both: a recompute
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -31,32 +32,54 @@ from .anatomy import decoder_layers
 
 @dataclass
 class _Wiring:
-    """What a block's ``forward`` is made of: its own forward, checkpointing, compiled or not."""
+    """How a block's ``forward`` is made: checkpointing, compiled or not, around its own forward."""
 
-    forward: Callable[..., Any]
+    own_forward: Callable[..., Any] | None  # an instance attribute set before this module wired the block
     checkpointing: str = "none"  # none | recompute | offload
     compiled: bool = False
+
+    def forward(self, block: nn.Module) -> Callable[..., Any]:
+        """The block's own forward: the instance attribute, else its class's, bound now (FSDP2 swaps the
+        class; transformers 5.24's checkpointing wrapper, its flag off, calls the layer's forward as is)."""
+        return self.own_forward or type(block).forward.__get__(block)
 
 
 def _wiring(block: nn.Module) -> _Wiring:
     wiring = block.__dict__.get("_qlora_wiring")
     if wiring is None:
-        # The block's own forward: an instance attribute someone set, else its class's (transformers 5.24's
-        # checkpointing wrapper included: with its flag off, it calls the layer's forward as is).
-        own = block.__dict__.get("forward") or type(block).forward.__get__(block)
-        wiring = block._qlora_wiring = _Wiring(own)
+        wiring = block._qlora_wiring = _Wiring(block.__dict__.get("forward"))
     return wiring
 
 
+# What a layer may be given as its KV cache: a recompute would append to it a second time.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _recomputes(block: nn.Module) -> bool:
+    """Checkpointing applies while training with gradients, as transformers' own does; else a plain call."""
+    return block.training and torch.is_grad_enabled()
+
+
 def _checkpointed(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``forward`` under non-reentrant checkpointing while training with gradients (as transformers does)."""
-    if block.training and torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
+    """``forward`` under non-reentrant checkpointing when :func:`_recomputes`, without a KV cache (as
+    transformers: the recompute would update it twice)."""
+    if not _recomputes(block):
+        return forward(*args, **kwargs)
+    if kwargs.get("use_cache") or any(kwargs.get(key) is not None for key in _CACHE_KWARGS):
+        warnings.warn(
+            "lightning-qlora: activation checkpointing runs the decoder layers without a KV cache "
+            "(use_cache=False); pass use_cache=False while training",
+            stacklevel=2,
+        )
+        kwargs = {**kwargs, "use_cache": False, **{key: None for key in _CACHE_KWARGS if key in kwargs}}
+    # The keywords bound first, so none of them is taken for one of checkpoint's own.
+    return checkpoint(partial(forward, **kwargs), *args, use_reentrant=False)
 
 
 def _offloaded(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """:func:`_checkpointed` with what it saves (the block's input) held in pinned host memory."""
+    if not _recomputes(block):
+        return forward(*args, **kwargs)
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
         return _checkpointed(block, forward, *args, **kwargs)
 
@@ -64,12 +87,17 @@ def _offloaded(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwar
 def _wire(block: nn.Module) -> None:
     w = _wiring(block)
     if w.checkpointing == "recompute":
-        run = partial(_checkpointed, block, w.forward)
+        run = partial(_checkpointed, block, w.forward(block))
         block.forward = torch.compile(run) if w.compiled else run
     elif w.checkpointing == "offload":
-        block.forward = partial(_offloaded, block, torch.compile(w.forward) if w.compiled else w.forward)
-    else:
-        block.forward = torch.compile(w.forward) if w.compiled else w.forward
+        inner = torch.compile(w.forward(block)) if w.compiled else w.forward(block)
+        block.forward = partial(_offloaded, block, inner)
+    elif w.compiled:
+        block.forward = torch.compile(w.forward(block))
+    elif w.own_forward is not None:
+        block.forward = w.own_forward
+    else:  # the class's own again: no instance attribute (nor a reference cycle through one)
+        block.__dict__.pop("forward", None)
 
 
 def block_checkpointing(block: nn.Module) -> str:
@@ -82,9 +110,18 @@ def set_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1) 
 
     ``full`` and ``offload``: every layer; ``every_n_layers``: layers 0, n, 2n, ...; ``none``: no layer.
     Set per layer here (rather than through transformers' own arguments, which differ across releases), so
-    they work on every transformers 4.46+, compiled or not.
+    they work alike on every transformers 4.52+, compiled or not.
+
+    Raises:
+        ValueError: a mode other than ``none`` for a model without decoder layers transformers can checkpoint.
     """
-    for index, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    if mode != "none" and not layers:
+        raise ValueError(
+            f"activation_checkpointing={mode!r}: {type(model).__name__} has no decoder layers to checkpoint "
+            "(transformers' GradientCheckpointingLayer); use activation_checkpointing=none"
+        )
+    for index, layer in enumerate(layers):
         layer.gradient_checkpointing = False  # transformers' own: this module checkpoints instead
         on = mode in ("full", "offload") or (mode == "every_n_layers" and index % max(every_n, 1) == 0)
         _wiring(layer).checkpointing = ("offload" if mode == "offload" else "recompute") if on else "none"
@@ -92,7 +129,8 @@ def set_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1) 
 
 
 def compile_blocks(model: nn.Module) -> int:
-    """``torch.compile`` every block of the model's largest ``nn.ModuleList`` (its decoder layers).
+    """``torch.compile`` every decoder layer (:func:`~lightning_qlora.anatomy.decoder_layers`; for a model
+    without them, every block of its largest ``nn.ModuleList``).
 
     Compiling block by block keeps compile time to one block's graph, reused for all of them, with the
     4-bit layers traced into it (``nf4_matmul.dequantize_traced``: whole-block weights call no
@@ -102,10 +140,12 @@ def compile_blocks(model: nn.Module) -> int:
     Returns:
         How many blocks were compiled.
     """
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        return 0
-    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = decoder_layers(model)  # the blocks checkpointing wires: one wiring per block
+    if not blocks:  # a model of the user's own: its largest list of blocks
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        if not lists:
+            return 0
+        blocks = list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
     import torch._dynamo
 
     # The blocks differ only in constants like layer_idx; each may get its own guard entry.

@@ -111,3 +111,39 @@ def test_a_compiled_checkpoint_replays_the_forwards_dropout():
     (loss, kept), (loss_ckpt, recomputed) = gradients("none"), gradients("full")
     assert loss_ckpt == loss and kept.norm() > 0
     torch.testing.assert_close(recomputed, kept, rtol=1e-6, atol=1e-7)
+
+
+def test_a_kv_cache_is_dropped_under_checkpointing_and_said():
+    """A recompute would append to a KV cache a second time: as transformers' own checkpointing does, the
+    layers run without one while checkpointing (with one warning), and with it otherwise."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
+    model.train()
+    set_activation_checkpointing(model, "full")
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="without a KV cache"):
+        out = model(input_ids=ids, use_cache=True)
+    out.logits.sum().backward()
+    assert out.past_key_values is None or out.past_key_values.get_seq_length() == 0
+    with torch.no_grad():  # nothing to recompute: the cache is kept
+        assert model(input_ids=ids, use_cache=True).past_key_values.get_seq_length() == 16
+
+
+def test_checkpointing_needs_decoder_layers_and_skips_containers():
+    """Only transformers' per-layer blocks are checkpointed, not a container that carries a flag for its
+    children; a model without any refuses every mode but ``none`` in one line."""
+
+    class Encoder(torch.nn.Module):
+        gradient_checkpointing = False
+
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    model = Encoder()
+    assert decoder_layers(model) == []
+    set_activation_checkpointing(model, "none")
+    with pytest.raises(ValueError, match=r"activation_checkpointing='full': Encoder has no decoder layers"):
+        set_activation_checkpointing(model, "full")
+    llama = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
+    assert decoder_layers(llama) == list(llama.model.layers)

@@ -10,7 +10,7 @@ from tiny import tiny_llama_config
 from torch import nn
 
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
-from lightning_qlora.blocks import compile_blocks
+from lightning_qlora.blocks import compile_blocks, set_activation_checkpointing
 from lightning_qlora.loss import linear_cross_entropy
 from lightning_qlora.nf4_matmul import (
     dequantize,
@@ -322,7 +322,9 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
     def grads(compiled: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(
+            model, "full"
+        )  # the app's wiring, not transformers' (it differs by release)
         QLoRAPrecision(lora=LoRAConfig(r=16, alpha=32)).convert_module(model).cuda()
         for layer in model.modules():
             if isinstance(layer, LoRALinear):
