@@ -90,8 +90,8 @@ def _wire(block: nn.Module) -> None:
         run = partial(_checkpointed, block, w.forward(block))
         block.forward = torch.compile(run) if w.compiled else run
     elif w.checkpointing == "offload":
-        inner = torch.compile(w.forward(block)) if w.compiled else w.forward(block)
-        block.forward = partial(_offloaded, block, inner)
+        forward = w.forward(block)
+        block.forward = partial(_offloaded, block, torch.compile(forward) if w.compiled else forward)
     elif w.compiled:
         block.forward = torch.compile(w.forward(block))
     elif w.own_forward is not None:

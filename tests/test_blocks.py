@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny import tiny_llama_config
+from tiny import tiny_llama_config, tiny_qlora_llama
 
-from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.anatomy import decoder_layers
 from lightning_qlora.blocks import compile_blocks, set_activation_checkpointing
 from lightning_qlora.loss import linear_cross_entropy
@@ -21,14 +20,7 @@ def _steps(mode: str, compiled: bool, steps: int = 2) -> tuple[list[float], int,
     the forward's and the backward's), and dynamo's graph breaks."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
-    quant = QuantConfig(compute_dtype=torch.float32, blocksize=32)
-    QLoRAPrecision(quant=quant, lora=LoRAConfig(r=4), compute_dtype=torch.float32).convert_module(model).to(
-        "cpu"
-    )
-    model.train()
-    model.config.use_cache = False
+    model = tiny_qlora_llama(num_hidden_layers=LAYERS)
     set_activation_checkpointing(model, mode)
     torch._dynamo.reset()
     counters.clear()
@@ -89,16 +81,10 @@ def test_a_compiled_checkpoint_replays_the_forwards_dropout():
     gradients of a checkpointed compiled step equal those of the same step without checkpointing."""
 
     def gradients(mode: str) -> tuple[float, torch.Tensor]:
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(num_hidden_layers=LAYERS))
-        quant = QuantConfig(compute_dtype=torch.float32, blocksize=32)
-        lora = LoRAConfig(r=4, dropout=0.3)
-        QLoRAPrecision(quant=quant, lora=lora, compute_dtype=torch.float32).convert_module(model).to("cpu")
+        model = tiny_qlora_llama(dropout=0.3, num_hidden_layers=LAYERS)
         for name, param in model.named_parameters():
             if "lora_B" in name:  # so A gets a gradient through the dropped-out input
                 torch.nn.init.normal_(param, std=0.1)
-        model.train()
-        model.config.use_cache = False
         set_activation_checkpointing(model, mode)
         torch._dynamo.reset()
         compile_blocks(model)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import transformers
-from tiny import tiny_llama_config
+from tiny import tiny_qlora_llama
 from torch import nn
 
 from lightning_qlora import Linear4bit, LoRAConfig, LoRALinear, QLoRAPrecision, QuantConfig
@@ -221,12 +221,7 @@ def _train(compiled: bool, quantized: bool = True, steps: int = 3, **config: int
     """Losses of a few steps; compiled, the blocks must compile whole (a graph break runs code eagerly)."""
     from torch._dynamo.utils import counters
 
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(**config))
-    quant = QuantConfig(compute_dtype=torch.float32, blocksize=32) if quantized else None
-    QLoRAPrecision(quant=quant, lora=LoRAConfig(r=4), compute_dtype=torch.float32).convert_module(model).to(
-        "cpu"
-    )
+    model = tiny_qlora_llama(quantized, **config)
     if compiled:
         torch._dynamo.reset()
         counters.clear()

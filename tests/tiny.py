@@ -41,3 +41,20 @@ def save_tiny_llama(
 
         build_byte_tokenizer().save_pretrained(path)
     return model
+
+
+def tiny_qlora_llama(
+    quantized: bool = True, dropout: float = 0.0, **overrides: Any
+) -> transformers.PreTrainedModel:
+    """The seeded tiny Llama converted by the plugin on the CPU (float32; 4-bit in blocks of 32 when
+    ``quantized``, else a 16-bit base), LoRA r=4 on every linear layer, in train mode, no KV cache."""
+    from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_llama_config(**overrides))
+    quant = QuantConfig(compute_dtype=torch.float32, blocksize=32) if quantized else None
+    lora = LoRAConfig(r=4, dropout=dropout)
+    QLoRAPrecision(quant=quant, lora=lora, compute_dtype=torch.float32).convert_module(model).to("cpu")
+    model.train()
+    model.config.use_cache = False
+    return model
