@@ -401,3 +401,19 @@ def choose_checkpointing(budget_gib: float, shapes: Shapes, batch: int, seq: int
         f"data.max_length, or raise the budget. Estimate: "
         + "; ".join(f"{k} {v / GIB:.2f} GiB" for k, v in leanest.parts.items())
     )
+
+
+def over_budget(peak_bytes: int, budget_gib: float, estimate: Estimate | None = None) -> str | None:
+    """The warning for a measured peak above ``model.max_memory_gib``, or None when it fits.
+
+    The budget chose a setting from an estimate; a step that measured more means the estimate missed (a
+    torch release that saves more than it models, say), and the user should hear it before the card does.
+    """
+    if peak_bytes <= budget_gib * GIB:
+        return None
+    told = f" (estimated {estimate.total / GIB:.2f} GiB for {estimate.mode})" if estimate is not None else ""
+    return (
+        f"warning: the first step's peak GPU memory is {peak_bytes / GIB:.2f} GiB, over "
+        f"model.max_memory_gib={budget_gib:g}{told}; lower data.batch_size or set "
+        "model.activation_checkpointing=full or offload"
+    )

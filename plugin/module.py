@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .blocks import compile_blocks, graph_breaks, set_activation_checkpointing
 from .loss import IGNORE_INDEX, causal_lm_loss
-from .memory import CHECKPOINTING, Shapes, choose_checkpointing
+from .memory import CHECKPOINTING, Shapes, choose_checkpointing, over_budget
 from .messages import say
 from .optim import OptimizerConfig, build_optimizer, build_scheduler
 from .sharding import is_sharded
@@ -47,7 +47,8 @@ class ModelConfig:
             fastest of these whose estimated peak fits ``max_memory_gib``; see
             :mod:`lightning_qlora.memory`, decided from the first batch's shape).
         checkpoint_every_n_layers: with ``every_n_layers``: checkpoint layers 0, n, 2n, ...
-        max_memory_gib: the GPU memory budget ``auto`` chooses for (``torch.cuda.max_memory_allocated``).
+        max_memory_gib: the GPU memory budget (``torch.cuda.max_memory_allocated``): ``auto`` chooses for
+            it, and with any setting a first step that measures more is warned about in one line.
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
         trust_remote_code: passed to transformers.
         revision: hub revision.
@@ -263,6 +264,19 @@ class CausalLMModule(L.LightningModule):
             self.model._blocks_compiled = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (
+            self.config.max_memory_gib
+            and self.device.type == "cuda"
+            and not getattr(self, "_budget_told", False)
+        ):
+            self._budget_told = True  # the first step holds the peak: the next ones repeat it
+            message = over_budget(
+                torch.cuda.max_memory_allocated(self.device),
+                self.config.max_memory_gib,
+                self.checkpointing_estimate,
+            )
+            if message and (self._trainer is None or self.trainer.is_global_zero):
+                say(message)
         # After the first step the blocks have compiled (forward and backward): say if they did not compile
         # whole, since the parts between graph pieces run eagerly, slower, and nothing else would show it.
         if getattr(self.model, "_blocks_compiled", False) and not getattr(self, "_graph_breaks_told", False):

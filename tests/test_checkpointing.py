@@ -13,7 +13,14 @@ from tiny import TINY
 from lightning_qlora import LoRAConfig, QLoRAPrecision, QuantConfig
 from lightning_qlora.anatomy import decoder_layers
 from lightning_qlora.blocks import block_checkpointing, set_activation_checkpointing
-from lightning_qlora.memory import GIB, Shapes, activation_bytes_per_token, choose_checkpointing, estimate
+from lightning_qlora.memory import (
+    GIB,
+    Shapes,
+    activation_bytes_per_token,
+    choose_checkpointing,
+    estimate,
+    over_budget,
+)
 from lightning_qlora.module import CausalLMModule
 
 LAYERS, BATCH, SEQ = 4, 2, 64
@@ -134,6 +141,18 @@ def test_auto_picks_the_fastest_setting_that_fits_and_refuses_an_impossible_budg
     assert order[0] > order[1] > order[2]
     with pytest.raises(ValueError, match=r"model.max_memory_gib=1 is too small .* GiB needed"):
         choose_checkpointing(1, LLAMA_1B, 4, 2048)
+
+
+def test_a_measured_peak_over_the_budget_is_said_with_the_estimate():
+    """The budget chose from an estimate; a step measuring more (the estimate missed) is named in one line."""
+    est = choose_checkpointing(6, LLAMA_1B, 4, 2048)
+    assert over_budget(int(5.9 * GIB), 6, est) is None
+    message = over_budget(int(26.08 * GIB), 6, est)
+    assert message.startswith(
+        "warning: the first step's peak GPU memory is 26.08 GiB, over model.max_memory_gib=6"
+    )
+    assert f"(estimated {est.total / GIB:.2f} GiB for {est.mode})" in message and "\n" not in message
+    assert "estimated" not in over_budget(int(7 * GIB), 6)  # a fixed setting: no estimate to name
 
 
 def test_auto_decides_at_the_first_batch_from_its_shape():

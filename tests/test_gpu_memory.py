@@ -32,7 +32,11 @@ def test_gpu_app_peak_matches_the_benchmark_on_1b_shapes(tmp_path):
     results = tmp_path / "bench.json"
     bench_main(["--models", "1b", "--modes", "ours", "--steps", "4", "--warmup", "2",
                 "--cache", str(tmp_path), "--json", str(results)])  # fmt: skip
-    bench_peak = json.loads(results.read_text())[0]["peak_gib"]
+    bench = json.loads(results.read_text())[0]
+    bench_peak = bench["peak_gib"]
+    # Full checkpointing keeps each block's input only: a checkpoint that saved more (torch 2.11 compiled,
+    # before blocks._recompute_all: 9.6 GiB here) lands far above the memory model's estimate.
+    assert bench_peak <= 1.1 * bench["est_gib"], f"bench {bench_peak} GiB, estimate {bench['est_gib']} GiB"
 
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     app = subprocess.run(
