@@ -88,7 +88,7 @@ def test_a_compiled_checkpoint_saves_what_an_eager_one_saves():
     and saved every adapted layer's input and low-rank product (7B at 4 x 2048: 26 GiB against 7.6)."""
     eager = _saved_activation_bytes("full", compiled=False)
     compiled = _saved_activation_bytes("full", compiled=True)
-    uncheckpointed = _saved_activation_bytes("none", compiled=True)
+    uncheckpointed = _saved_activation_bytes("none", compiled=False)
     assert 0 < eager <= compiled < 1.5 * eager < uncheckpointed / 3, (eager, compiled, uncheckpointed)
 
 

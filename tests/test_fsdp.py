@@ -1,7 +1,8 @@
 """FSDP2 (``FSDP2Strategy``, Lightning's ModelParallelStrategy + ``fully_shard``) on this host: CPU, gloo.
 
 - 2 sharded processes train like 1 process at the same global batch (losses, gradient norms, adapters),
-  reduce only the adapters' gradients, and each holds half of the 4-bit weights.
+  reduce only the adapters' gradients, and each holds half of the 4-bit weights; so do 2 with compiled,
+  checkpointed blocks.
 - The adapter written from the sharded run (``save_adapter`` after gathering) is the 1-process file.
 - A sharded checkpoint holds adapters and optimizer state only, and resumes with another number of
   processes (2 -> 1 and 1 -> 2) to the same adapters as a 1-process run resumed from its own checkpoint.
@@ -50,6 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "fsdp2": [*two, *first, "--strategy", "fsdp2", "--save", str(root / "fsdp2.ckpt"),
                   "--adapter-dir", str(root / "fsdp2-adapter")],
         "fsdp1": [*one, *first, "--strategy", "fsdp2", "--save", str(root / "fsdp1.ckpt")],
+        "fsdp2-compiled": [*two, *first, "--strategy", "fsdp2", "--compile", "true"],
     })  # fmt: skip
     resumed = ["--steps", str(2 * STEPS)]
     _run_all(root, checkpoint, {
@@ -60,8 +62,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {
         "root": root,
         "config": json.loads((checkpoint / "config.json").read_text()),
-        **{name: read_ranks(root / name, 2 if name in ("fsdp2", "1to2") else 1)
-           for name in ("one", "fsdp2", "fsdp1", "one-resumed", "2to1", "1to2")},
+        **{name: read_ranks(root / name, 2 if name in ("fsdp2", "1to2", "fsdp2-compiled") else 1)
+           for name in ("one", "fsdp2", "fsdp1", "one-resumed", "2to1", "1to2", "fsdp2-compiled")},
     }  # fmt: skip
 
 
@@ -74,6 +76,17 @@ def test_two_sharded_processes_train_like_one_at_the_same_global_batch(runs):
         runs["one"][0], runs["fsdp2"], loss_rtol=1e-5, grad_rtol=1e-5, grad_steps=STEPS
     ):
         print(f"[FSDP2, 2 processes, CPU] {line}")
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_blocks_under_fsdp2_train_like_one_eager_process(runs):
+    """Each block compiled with its checkpoint inside, FSDP2's gathers outside (module hooks): two sharded
+    processes reach the eager one-process losses (compiled float32 on CPU differs from eager by ~1e-7)."""
+    assert all(r["compiled"] and r["sharded"] for r in runs["fsdp2-compiled"])
+    for line in check_same_training(
+        runs["one"][0], runs["fsdp2-compiled"], loss_rtol=1e-4, grad_rtol=1e-3, grad_steps=STEPS
+    ):
+        print(f"[FSDP2 compiled, 2 processes, CPU] {line}")
 
 
 @pytest.mark.slow
