@@ -83,15 +83,12 @@ def _checkpointed(block: nn.Module, forward: Callable[..., Any], *args: Any, **k
     return checkpoint(partial(forward, **kwargs), *args, use_reentrant=False, context_fn=context)
 
 
-_told_in_place: set[str] = set()
-
-
 def _must_recompute(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
     # Called per op while the compiler traces the block (not per step). Selective checkpointing under
     # torch.compile does not support in-place ops (torch's caution, filtered below for being unspecific):
     # the 4-bit and 16-bit LoRA blocks of transformers' layers have none (test_blocks), a user's may.
-    if op._schema.is_mutable and str(op) not in _told_in_place:
-        _told_in_place.add(str(op))
+    # Python's default warning filter shows each op's message once.
+    if op._schema.is_mutable:
         warnings.warn(
             f"lightning-qlora: a compiled, checkpointed decoder block runs the in-place op {op}, which torch "
             "may recompute wrongly there; set model.compile=false or model.activation_checkpointing=offload",

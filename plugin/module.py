@@ -264,26 +264,26 @@ class CausalLMModule(L.LightningModule):
             self.model._blocks_compiled = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (
-            self.config.max_memory_gib
-            and self.device.type == "cuda"
-            and not getattr(self, "_budget_told", False)
-        ):
-            self._budget_told = True  # the first step holds the peak: the next ones repeat it
+        # After the first step, once: it holds the run's peak (the next steps repeat it), and the blocks have
+        # compiled, forward and backward.
+        if getattr(self, "_first_step_told", False):
+            return
+        self._first_step_told = True
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        if self.config.max_memory_gib and self.device.type == "cuda":
             message = over_budget(
                 torch.cuda.max_memory_allocated(self.device),
                 self.config.max_memory_gib,
                 self.checkpointing_estimate,
             )
-            if message and (self._trainer is None or self.trainer.is_global_zero):
+            if message:
                 say(message)
-        # After the first step the blocks have compiled (forward and backward): say if they did not compile
-        # whole, since the parts between graph pieces run eagerly, slower, and nothing else would show it.
-        if getattr(self.model, "_blocks_compiled", False) and not getattr(self, "_graph_breaks_told", False):
-            self._graph_breaks_told = True
+        # Blocks that did not compile whole run the code between graph pieces eagerly, slower, and nothing
+        # else would show it.
+        if getattr(self.model, "_blocks_compiled", False):
             count, first = graph_breaks()
-            if count and (self._trainer is None or self.trainer.is_global_zero):
-                # dynamo counts per process: a break in the user's own compiled code is counted too
+            if count:  # dynamo counts per process: a break in the user's own compiled code is counted too
                 say(
                     f"warning: torch.compile broke its graphs at {count} place(s) in this run (first: {first}); "
                     "code between the pieces runs eagerly, slower. model.compile=false turns compiling the "

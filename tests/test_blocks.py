@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -15,17 +17,22 @@ LAYERS = 2
 ADAPTED = 7  # q, k, v, o, gate, up, down
 
 
+def _wired(model: torch.nn.Module, mode: str, compiled: bool = True) -> torch.nn.Module:
+    """``model`` with checkpointing ``mode`` and, when ``compiled``, every decoder layer compiled afresh."""
+    set_activation_checkpointing(model, mode)
+    torch._dynamo.reset()
+    if compiled:
+        assert compile_blocks(model) == len(decoder_layers(model))
+    return model
+
+
 def _steps(mode: str, compiled: bool, steps: int = 2) -> tuple[list[float], int, int]:
     """Losses of a few steps, the in-place sum op's calls in the last one (one per adapted layer's product,
     the forward's and the backward's), and dynamo's graph breaks."""
     from torch._dynamo.utils import counters
 
-    model = tiny_qlora_llama(num_hidden_layers=LAYERS)
-    set_activation_checkpointing(model, mode)
-    torch._dynamo.reset()
-    counters.clear()
-    if compiled:
-        assert compile_blocks(model) == LAYERS
+    model = _wired(tiny_qlora_llama(num_hidden_layers=LAYERS), mode, compiled)
+    counters.clear()  # compiling happens at the first call, below
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
     losses, calls = [], 0
@@ -47,12 +54,12 @@ def test_compiled_checkpointed_blocks_train_like_eager_and_recompute_only_what_t
     the block's last (its output only feeds the next block); ``offload``: the checkpoint and its host copies
     outside (dynamo cannot trace ``save_on_cpu``: on transformers 5.24 it broke every block's graph), so the
     whole compiled forward runs again. Every mode without a graph break, with eager's losses."""
-    from lightning_qlora import blocks
-
-    blocks._told_in_place.clear()
-    eager, _, _ = _steps("none", compiled=False)
-    runs = {mode: _steps(mode, compiled=True) for mode in ("none", "full", "offload")}
-    assert not blocks._told_in_place  # no in-place op for selective checkpointing to trip on
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        eager, _, _ = _steps("none", compiled=False)
+        runs = {mode: _steps(mode, compiled=True) for mode in ("none", "full", "offload")}
+    # no in-place op for selective checkpointing to trip on
+    assert not [w for w in told if "in-place op" in str(w.message)]
     for mode, (losses, _, breaks) in runs.items():
         assert breaks == 0, mode
         torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-5)
@@ -64,11 +71,7 @@ def test_compiled_checkpointed_blocks_train_like_eager_and_recompute_only_what_t
 def _saved_activation_bytes(mode: str, compiled: bool) -> int:
     """Bytes of the activations a step's forward saves for the backward: saved tensors with a token dimension
     (24 tokens in 2 sequences: no width of the tiny model is 24 or 48)."""
-    model = tiny_qlora_llama(num_hidden_layers=LAYERS)
-    set_activation_checkpointing(model, mode)
-    torch._dynamo.reset()
-    if compiled:
-        compile_blocks(model)
+    model = _wired(tiny_qlora_llama(num_hidden_layers=LAYERS), mode, compiled)
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     saved = []
 
@@ -104,9 +107,6 @@ def test_an_in_place_op_in_a_compiled_checkpointed_block_is_named_not_torchs_vag
 
     import torch._logging._internal
 
-    from lightning_qlora import blocks
-
-    blocks._told_in_place.clear()
     torch._logging._internal.warning_once.cache_clear()  # so torch would print its caution again
     model = tiny_qlora_llama(num_hidden_layers=1)
 
@@ -115,9 +115,7 @@ def test_an_in_place_op_in_a_compiled_checkpointed_block_is_named_not_torchs_vag
             return (x * 1).relu_()  # on a copy: in place on the adapted layer's output is refused anyway
 
     decoder_layers(model)[0].mlp.act_fn = InPlaceReLU()
-    set_activation_checkpointing(model, "full")
-    torch._dynamo.reset()
-    compile_blocks(model)
+    _wired(model, "full")
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
     torch_logger = logging.getLogger("torch._higher_order_ops.wrap")  # torch's loggers do not propagate
     torch_logger.addHandler(caplog.handler)
@@ -157,9 +155,7 @@ def test_a_compiled_checkpoint_replays_the_forwards_dropout():
         for name, param in model.named_parameters():
             if "lora_B" in name:  # so A gets a gradient through the dropped-out input
                 torch.nn.init.normal_(param, std=0.1)
-        set_activation_checkpointing(model, mode)
-        torch._dynamo.reset()
-        compile_blocks(model)
+        _wired(model, mode)
         ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(5)
         loss = linear_cross_entropy(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, ids)

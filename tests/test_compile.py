@@ -317,9 +317,8 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
     def grads(compiled: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        set_activation_checkpointing(
-            model, "full"
-        )  # the app's wiring, not transformers' (it differs by release)
+        # the app's wiring, not transformers' (it differs by release)
+        set_activation_checkpointing(model, "full")
         QLoRAPrecision(lora=LoRAConfig(r=16, alpha=32)).convert_module(model).cuda()
         for layer in model.modules():
             if isinstance(layer, LoRALinear):
