@@ -95,21 +95,35 @@ def test_cpu_harness_runs_each_mode_in_its_own_process_and_reports(tmp_path):
     assert "devices" not in ours and "grad MiB/step" not in ours and "strategy" not in ours
 
 
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict[str, str]], str]:
+    """One call, as a user makes it: ``--cpu --devices 2 --strategy ddp,fsdp --modes ours,peft``: each mode on
+    1 process, then 2 under each strategy (ours: Lightning's DDP / FSDP2Strategy, relaunched by Lightning;
+    the reference: torch DDP / FSDP1 under torchrun, HF's FSDP-QLoRA recipe with bnb_4bit_quant_storage=bf16,
+    which bitsandbytes' CPU backend runs)."""
+    tmp_path = tmp_path_factory.mktemp("bench-two-processes")
+    rows, cells = bench(tmp_path, "--devices", "2", "--strategy", "ddp,fsdp", "--modes", "ours,peft")
+    return rows, cells, (tmp_path / "BENCH.md").read_text()
+
+
 @pytest.mark.slow
-def test_fsdp_on_two_cpu_processes_reports_a_row_per_device_count(tmp_path):
-    """``--cpu --devices 2 --strategy fsdp --modes ours``: 1 process, then 2 under FSDP2Strategy."""
-    rows, cells = bench(tmp_path, "--devices", "2", "--strategy", "fsdp", "--modes", "ours")
-    assert [(r["mode"], r["devices"], r["strategy"]) for r in rows] == [("ours", 1, ""), ("ours", 2, "fsdp")]
+def test_two_processes_give_a_row_per_mode_strategy_and_device_count(two_processes):
+    rows, cells, text = two_processes
+    assert [(r["mode"], r["devices"], r["strategy"]) for r in rows] == [
+        ("ours", 1, ""), ("ours", 2, "ddp"), ("ours", 2, "fsdp"),
+        ("peft", 1, ""), ("peft", 2, "ddp"), ("peft", 2, "fsdp"),
+    ]  # fmt: skip
     for row in rows:
         assert not row["error"] and row["tokens_per_s"] > 0 and 0 < row["loss_last"] < 10
-        assert row["tokens_per_step"] == 128 * row["devices"]
-    # Measured at the reduce-scatter: the fp32 adapters' gradients, nothing of the frozen 4-bit base.
-    assert rows[1]["grad_bytes"] == TINY_ADAPTER_BYTES and rows[1]["grad_bytes_measured"]
-    one, two = cells
-    assert (two["devices"], two["strategy"], one["strategy"]) == ("2", "fsdp", "")
-    assert two["scaling"].endswith("%") and one["scaling"] == ""
-    assert two["grad MiB/step"] == f"{TINY_ADAPTER_BYTES / 2**20:.2f}" and one["grad MiB/step"] == ""
-    assert two["peak GiB/device"] == "0.00"
+        # batch 2 x 64 tokens per process, summed over the ranks
+        assert row["tokens_per_step"] == 128 * row["devices"], row
+        assert row["first_step_s"] > 0 and row["host_rss_gib"] > 0
+    for one, two in ((cells[0], cells[1]), (cells[3], cells[5])):
+        assert (two["devices"], one["strategy"]) == ("2", "")
+        assert two["scaling"].endswith("%") and one["scaling"] == ""
+        assert one["grad MiB/step"] == "" and two["peak GiB/device"] == "0.00"
+    assert cells[2]["strategy"] == "fsdp" and cells[4]["strategy"] == "ddp"
+    assert "| devices |" in text and "| scaling |" in text
 
 
 @pytest.mark.slow
@@ -117,20 +131,16 @@ def test_fsdp_on_two_cpu_processes_reports_a_row_per_device_count(tmp_path):
     "mode, strategy, expected",
     [
         ("ours", "ddp", TINY_ADAPTER_BYTES),  # Lightning's DDP: the comm hook sees the fp32 adapter buckets
+        ("ours", "fsdp", TINY_ADAPTER_BYTES),  # FSDP2: reduce-scattered, nothing of the frozen 4-bit base
         ("peft", "ddp", TINY_ADAPTER_BYTES),  # torch DDP around the PEFT model: the same
         ("peft", "fsdp", TINY_ADAPTER_BYTES // 2),  # FSDP1 + bf16 MixedPrecision reduces in bf16
     ],
 )
-def test_a_two_process_job_measures_its_gradient_traffic(tmp_path, mode, strategy, expected):
-    """One 2-rank job as the parent starts it: ours relaunched by Lightning, the reference by torchrun
-    (its FSDP1 path, HF's FSDP-QLoRA recipe with bnb_4bit_quant_storage=bf16, runs on CPU here)."""
-    args = build_parser().parse_args(["--cpu", "--steps", "2", "--warmup", "1"])
-    prepare_checkpoint("tiny", tmp_path / "tiny", CPU)
-    row = _run_job(args, "tiny", mode, tmp_path / "tiny", devices=2, strategy=strategy)
-    assert not row.error, row.error
-    assert (row.devices, row.strategy, row.tokens_per_step) == (2, strategy, 256)
-    assert row.grad_bytes == expected and row.grad_bytes_measured
-    assert 0 < row.loss_last < 10 and row.first_step_s > 0 and row.host_rss_gib > 0
+def test_a_two_process_job_measures_its_gradient_traffic(two_processes, mode, strategy, expected):
+    rows, cells, _ = two_processes
+    index, row = next((i, r) for i, r in enumerate(rows) if (r["mode"], r["strategy"]) == (mode, strategy))
+    assert row["grad_bytes"] == expected and row["grad_bytes_measured"]
+    assert cells[index]["grad MiB/step"] == f"{expected / 2**20:.2f}"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,76 +27,78 @@ def _wired(model: torch.nn.Module, mode: str, compiled: bool = True) -> torch.nn
     return model
 
 
-def _steps(mode: str, compiled: bool, steps: int = 2) -> tuple[list[float], int, int]:
-    """Losses of a few steps, the in-place sum op's calls in the last one (one per adapted layer's product,
-    the forward's and the backward's), and dynamo's graph breaks."""
+class _Run(NamedTuple):
+    losses: list[float]
+    sum_calls: int  # the in-place sum op's calls in the last step: one per adapted layer's product, each way
+    graph_breaks: int
+    saved_bytes: int  # activations the last step's forward saved for its backward
+
+
+def _steps(mode: str, compiled: bool, steps: int = 2) -> _Run:
+    """A few training steps of the 4-bit tiny Llama wired with ``mode``. Saved activations are the saved
+    tensors with a token dimension (24 tokens in 2 sequences: no width of the tiny model is 24 or 48)."""
     from torch._dynamo.utils import counters
 
     model = _wired(tiny_qlora_llama(num_hidden_layers=LAYERS), mode, compiled)
     counters.clear()  # compiling happens at the first call, below
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
-    losses, calls = [], 0
-    for _ in range(steps):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            hidden = model.model(input_ids=ids).last_hidden_state
-            loss = linear_cross_entropy(hidden, model.lm_head.weight, ids)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        calls = sum(1 for e in prof.events() if e.name == "lightning_qlora::low_rank_plus_matmul")
-    return losses, calls, sum(counters["graph_break"].values())
-
-
-@pytest.mark.slow
-def test_compiled_checkpointed_blocks_train_like_eager_and_recompute_only_what_the_backward_reads():
-    """``full``: the checkpoint inside the compiled forward, so the backward recomputes each adapted layer but
-    the block's last (its output only feeds the next block); ``offload``: the checkpoint and its host copies
-    outside (dynamo cannot trace ``save_on_cpu``: on transformers 5.24 it broke every block's graph), so the
-    whole compiled forward runs again. Every mode without a graph break, with eager's losses."""
-    with warnings.catch_warnings(record=True) as told:
-        warnings.simplefilter("always")
-        eager, _, _ = _steps("none", compiled=False)
-        runs = {mode: _steps(mode, compiled=True) for mode in ("none", "full", "offload")}
-    # no in-place op for selective checkpointing to trip on
-    assert not [w for w in told if "in-place op" in str(w.message)]
-    for mode, (losses, _, breaks) in runs.items():
-        assert breaks == 0, mode
-        torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-5)
-    recomputed = {mode: runs[mode][1] - runs["none"][1] for mode in ("full", "offload")}
-    assert recomputed["offload"] == ADAPTED * LAYERS
-    assert 0 < recomputed["full"] < ADAPTED * LAYERS, recomputed
-
-
-def _saved_activation_bytes(mode: str, compiled: bool) -> int:
-    """Bytes of the activations a step's forward saves for the backward: saved tensors with a token dimension
-    (24 tokens in 2 sequences: no width of the tiny model is 24 or 48)."""
-    model = _wired(tiny_qlora_llama(num_hidden_layers=LAYERS), mode, compiled)
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
-    saved = []
+    saved: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if {24, 48} & set(tensor.shape):
             saved.append(tensor.numel() * tensor.element_size())
         return tensor
 
-    for _ in range(2):  # the second step: compiled and warm
+    losses, calls = [], 0
+    for _ in range(steps):  # the last step: compiled and warm
         saved.clear()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            hidden = model.model(input_ids=ids).last_hidden_state
-        linear_cross_entropy(hidden, model.lm_head.weight, ids).backward()
-    return sum(saved)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                hidden = model.model(input_ids=ids).last_hidden_state
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, ids)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        calls = sum(1 for e in prof.events() if e.name == "lightning_qlora::low_rank_plus_matmul")
+    return _Run(losses, calls, sum(counters["graph_break"].values()), sum(saved))
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, _Run]:
+    """Eager ``none`` and ``full``; compiled ``none``, ``full`` and ``offload`` (one compile each)."""
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        runs = {f"eager {mode}": _steps(mode, compiled=False) for mode in ("none", "full")}
+        runs |= {mode: _steps(mode, compiled=True) for mode in ("none", "full", "offload")}
+    # no in-place op for selective checkpointing to trip on
+    assert not [w for w in told if "in-place op" in str(w.message)]
+    return runs
 
 
 @pytest.mark.slow
-def test_a_compiled_checkpoint_saves_what_an_eager_one_saves():
+def test_compiled_checkpointed_blocks_train_like_eager_and_recompute_only_what_the_backward_reads(runs):
+    """``full``: the checkpoint inside the compiled forward, so the backward recomputes each adapted layer but
+    the block's last (its output only feeds the next block); ``offload``: the checkpoint and its host copies
+    outside (dynamo cannot trace ``save_on_cpu``: on transformers 5.24 it broke every block's graph), so the
+    whole compiled forward runs again. Every mode without a graph break, with eager's losses."""
+    for mode in ("none", "full", "offload"):
+        assert runs[mode].graph_breaks == 0, mode
+        torch.testing.assert_close(runs[mode].losses, runs["eager none"].losses, rtol=1e-5, atol=1e-5)
+    recomputed = {mode: runs[mode].sum_calls - runs["none"].sum_calls for mode in ("full", "offload")}
+    assert recomputed["offload"] == ADAPTED * LAYERS
+    assert 0 < recomputed["full"] < ADAPTED * LAYERS, recomputed
+
+
+@pytest.mark.slow
+def test_a_compiled_checkpoint_saves_what_an_eager_one_saves(runs):
     """``full`` compiled keeps a block's input (and the rotary tables), not its layers' activations: torch 2.11's
     partitioner did not carry a plain checkpoint's recompute mark into the 4-bit layers' autograd functions
     and saved every adapted layer's input and low-rank product (7B at 4 x 2048: 26 GiB against 7.6)."""
-    eager = _saved_activation_bytes("full", compiled=False)
-    compiled = _saved_activation_bytes("full", compiled=True)
-    uncheckpointed = _saved_activation_bytes("none", compiled=False)
+    eager, compiled, uncheckpointed = (
+        runs[name].saved_bytes for name in ("eager full", "full", "eager none")
+    )
     assert 0 < eager <= compiled < 1.5 * eager < uncheckpointed / 3, (eager, compiled, uncheckpointed)
 
 

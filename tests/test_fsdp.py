@@ -13,6 +13,8 @@ The GPU twin (NCCL, per-GPU memory at N = 1, 2, 4) is ``test_gpu_multi.py``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,7 @@ def test_a_sharded_checkpoint_holds_adapters_only_and_resumes_on_another_process
 
 
 @pytest.mark.slow
-def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path):
+def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path, monkeypatch):
     proc = run_cli("trainer=fsdp", *micro_overrides(), "trainer.devices=2", timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -175,20 +177,29 @@ def test_the_app_trains_with_trainer_fsdp_on_two_cpu_processes(run_cli, tmp_path
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "lightning-qlora: finished 5 steps" in out, out[-3000:]
-    # ...another process count stops in the pre-flight (the app's data position is per process)...
-    proc = run_cli(
-        "trainer=fsdp", *micro_overrides(), "trainer.devices=1", "trainer.max_steps=5", f"ckpt_path={last}",
-        timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 2 and "the number of processes (devices) differs" in proc.stderr, proc.stderr[
-        -2000:
-    ]
-    assert "Traceback" not in proc.stderr
-    # ...and a run that does not shard is told how to resume it, in one line, before anything is written.
-    proc = run_cli(*micro_overrides(), "trainer.max_steps=5", f"ckpt_path={last}", timeout=300)
-    assert (
-        proc.returncode == 2 and "is a sharded checkpoint folder (written under trainer=fsdp)" in proc.stderr
+    # ...another process count stops in the pre-flight (the app's data position is per process)... These
+    # two stop before any process starts: the console script's entry point in this process says the same.
+    monkeypatch.chdir(tmp_path)
+    written = sorted((tmp_path / "outputs").rglob("*"))
+    code, err = _main_refused(
+        "trainer=fsdp", *micro_overrides(), "trainer.devices=1", "trainer.max_steps=5", f"ckpt_path={last}"
     )
+    assert code == 2 and "the number of processes (devices) differs" in err, err[-2000:]
+    assert "Traceback" not in err
+    # ...and a run that does not shard is told how to resume it, in one line, before anything is written.
+    code, err = _main_refused(*micro_overrides(), "trainer.max_steps=5", f"ckpt_path={last}")
+    assert code == 2 and "is a sharded checkpoint folder (written under trainer=fsdp)" in err, err[-2000:]
+    assert sorted((tmp_path / "outputs").rglob("*")) == written, "the refused runs wrote nothing"
+
+
+def _main_refused(*args: str) -> tuple[int, str]:
+    """``lightning-qlora ARGS`` in this process, for a run refused before it starts: (exit code, stderr)."""
+    from lightning_qlora import train
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        train.main(list(args))
+    return exit_info.value.code, err.getvalue()
 
 
 @pytest.mark.parametrize("tied", [False, True])
