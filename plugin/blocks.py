@@ -209,3 +209,13 @@ def graph_breaks() -> tuple[int, str | None]:
     breaks = counters["graph_break"]
     first = next(iter(breaks), None)
     return sum(breaks.values()), None if first is None else str(first).strip().splitlines()[0]
+
+
+def uncompiled_calls() -> tuple[int, str | None]:
+    """How many times torch.compile gave up on a function in this process and ran it eagerly (its per-function
+    recompile limit reached, or an error it falls back from), and the first reason (one line)."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    reason = next(iter(counters["unimplemented"]), None)
+    return frames["total"] - frames["ok"], None if reason is None else str(reason).strip().splitlines()[0]

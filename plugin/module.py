@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .blocks import compile_blocks, graph_breaks, set_activation_checkpointing
+from .blocks import compile_blocks, graph_breaks, set_activation_checkpointing, uncompiled_calls
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .memory import CHECKPOINTING, Shapes, choose_checkpointing, over_budget
 from .messages import say
@@ -288,6 +288,16 @@ class CausalLMModule(L.LightningModule):
                     f"warning: torch.compile broke its graphs at {count} place(s) in this run (first: {first}); "
                     "code between the pieces runs eagerly, slower. model.compile=false turns compiling the "
                     "decoder blocks off"
+                )
+            # A block whose recompile limit was reached before this step (by a forward with a KV cache: a
+            # graph per layer and length) runs the training step uncompiled.
+            count, first = uncompiled_calls()
+            if count:
+                say(
+                    f"warning: torch.compile gave up {count} time(s) in this run and ran the code eagerly "
+                    f"(first: {first}); if a forward with a KV cache ran through the compiled blocks before "
+                    "training (model.generate), run it under torch.compiler.set_stance('force_eager'), as "
+                    "lightning_qlora.generate does; model.compile=false turns compiling the blocks off"
                 )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -339,31 +339,61 @@ def test_gpu_compiled_4bit_blocks_give_the_eager_gradients():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("broken", [False, True], ids=["whole", "split"])
-def test_the_app_says_when_its_compiled_blocks_do_not_compile_whole(broken, capfd):
-    """A graph break inside a compiled block (here a user's hook that forces one) runs the code between the
-    pieces eagerly: after the first step the module says so in one line, and stays quiet otherwise."""
+@pytest.mark.parametrize("case", ["whole", "split", "samples", "limit"])
+def test_the_app_says_when_its_compiled_blocks_do_not_compile_whole(case, capfd):
+    """A graph break inside a compiled block (``split``: a user's hook that forces one) runs the code between
+    the pieces eagerly, and a block dynamo gave up on (``limit``: its recompile limit reached before the
+    training step, as a forward with a KV cache through the blocks did) runs eagerly whole: after the first
+    step the module says so in one line, and stays quiet otherwise. ``samples``: the app's samples before
+    training are generated eagerly (with a KV cache every layer and length was a graph of its own: on the
+    4-layer default they filled the limit and training ran uncompiled) and compile nothing."""
     import lightning as L
     from tiny import TINY
 
     from lightning_qlora.anatomy import decoder_layers
+    from lightning_qlora.callbacks import SampleGeneration
+    from lightning_qlora.data import build_byte_tokenizer
     from lightning_qlora.module import CausalLMModule
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     plugin = QLoRAPrecision(quant=QuantConfig(compute_dtype="float32", blocksize=32), lora=LoRAConfig(r=4))
-    module = CausalLMModule(from_config={"model_type": "llama", **TINY}, compile=True)
+    config = {"model_type": "llama", **TINY, "vocab_size": 272}  # the byte tokenizer's 262 ids fit
+    module = CausalLMModule(from_config=config, compile=True)
     with plugin.module_init_context():
         module.configure_model()
-    if broken:
+    if case == "split":
         decoder_layers(module.model)[0].mlp.register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
-    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    graphs_before_training = []
+
+    class BeforeTraining(L.Callback):
+        def on_train_start(self, trainer, pl_module):  # after the samples (the callbacks run in order)
+            graphs_before_training.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+            if case == "limit":  # the blocks compiled once (the first block's graph) and no more
+                torch._dynamo.config.recompile_limit = 1
+
+    samples = SampleGeneration(build_byte_tokenizer(), ["Hi", "A longer prompt"], max_new_tokens=6)
+    ids = torch.randint(0, 272, (2, 16), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, plugins=[plugin])  # fmt: skip
-    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, plugins=[plugin],
+                            callbacks=[samples, BeforeTraining()] if case == "samples" else [BeforeTraining()])  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    finally:
+        torch._dynamo.config.recompile_limit = limit
     assert module.model._blocks_compiled
-    said = [line for line in capfd.readouterr().err.splitlines() if "torch.compile broke its graphs" in line]
-    assert len(said) == (1 if broken else 0), said
-    if broken:
-        assert said[0].startswith("lightning-qlora: warning:") and "model.compile=false" in said[0]
+    err = capfd.readouterr().err.splitlines()
+    broke = [line for line in err if "torch.compile broke its graphs" in line]
+    gave_up = [line for line in err if "torch.compile gave up" in line]
+    assert len(broke) == (1 if case == "split" else 0), broke
+    assert len(gave_up) == (1 if case == "limit" else 0), gave_up
+    for line in broke + gave_up:
+        assert line.startswith("lightning-qlora: warning:") and "model.compile=false" in line
+    if case == "limit":
+        assert "recompile limit" in gave_up[0] and "force_eager" in gave_up[0], gave_up[0]
+    if case == "samples":
+        assert len(samples.before) == 2 and all(isinstance(text, str) for text in samples.before)
+        assert graphs_before_training == [0], "the samples compiled graphs of their own"
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2, "the training step compiled"
