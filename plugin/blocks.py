@@ -129,18 +129,33 @@ def _offloaded(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwar
 
 def _wire(block: nn.Module) -> None:
     w = _wiring(block)
+    forward = w.forward(block)
     if w.checkpointing == "recompute":
-        run = partial(_checkpointed, block, w.forward(block))
-        block.forward = torch.compile(run) if w.compiled else run
+        eager = partial(_checkpointed, block, forward)
+        compiled = torch.compile(eager) if w.compiled else None
     elif w.checkpointing == "offload":
-        forward = w.forward(block)
-        block.forward = partial(_offloaded, block, torch.compile(forward) if w.compiled else forward)
-    elif w.compiled:
-        block.forward = torch.compile(w.forward(block))
-    elif w.own_forward is not None:
-        block.forward = w.own_forward
+        eager = partial(_offloaded, block, forward)
+        compiled = partial(_offloaded, block, torch.compile(forward)) if w.compiled else None
+    else:
+        eager = forward
+        compiled = torch.compile(forward) if w.compiled else None
+    if compiled is not None:
+        block.forward = partial(_compiled_unless_cached, block, compiled, eager)
+    elif w.checkpointing != "none" or w.own_forward is not None:
+        block.forward = eager
     else:  # the class's own again: no instance attribute (nor a reference cycle through one)
         block.__dict__.pop("forward", None)
+
+
+def _compiled_unless_cached(
+    block: nn.Module, compiled: Callable[..., Any], eager: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A compiled block's forward, eager where it is given a KV cache outside training (generation): there
+    each layer (its cache index is guarded) and each decode length is a graph of its own, and the samples
+    before training filled dynamo's per-function limit (4-layer default: 8 compiles, 31 s on CPU), after
+    which the training step ran uncompiled."""
+    cached = not _recomputes(block) and any(kwargs.get(key) is not None for key in _CACHE_KWARGS)
+    return (eager if cached else compiled)(*args, **kwargs)
 
 
 def block_checkpointing(block: nn.Module) -> str:
@@ -207,8 +222,7 @@ def graph_breaks() -> tuple[int, str | None]:
     from torch._dynamo.utils import counters
 
     breaks = counters["graph_break"]
-    first = next(iter(breaks), None)
-    return sum(breaks.values()), None if first is None else str(first).strip().splitlines()[0]
+    return sum(breaks.values()), _first_reason(breaks)
 
 
 def uncompiled_calls() -> tuple[int, str | None]:
@@ -217,5 +231,10 @@ def uncompiled_calls() -> tuple[int, str | None]:
     from torch._dynamo.utils import counters
 
     frames = counters["frames"]
-    reason = next(iter(counters["unimplemented"]), None)
-    return frames["total"] - frames["ok"], None if reason is None else str(reason).strip().splitlines()[0]
+    return frames["total"] - frames["ok"], _first_reason(counters["unimplemented"])
+
+
+def _first_reason(reasons: Any) -> str | None:
+    """The first line of the first of dynamo's counted reasons, or None."""
+    first = next(iter(reasons), None)
+    return None if first is None else str(first).strip().splitlines()[0]

@@ -95,31 +95,27 @@ def generate(
     tokenizer.padding_side = "left"
     lm.eval()
     completions: list[str] = []
-    # Compiled blocks (CausalLMModule's compile) run eagerly here. With a KV cache every layer and decode
-    # length is a graph of its own: the samples before training filled dynamo's per-function limit
-    # (measured on the 4-layer default: 8 compiles, 31 s) and the training step then ran uncompiled.
-    with torch.compiler.set_stance("force_eager"):
-        try:
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(
-                    texts[start : start + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=not chat,  # a chat template already adds its own
-                ).to(device)
-                out = lm.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    synced_gpus=synced_gpus,
-                    **sampling,
-                )
-                new = out[:, batch["input_ids"].shape[1] :]
-                completions += tokenizer.batch_decode(new, skip_special_tokens=True)
-        finally:
-            tokenizer.padding_side = side
-            lm.train(was_training)
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=not chat,  # a chat template already adds its own
+            ).to(device)
+            out = lm.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
+                **sampling,
+            )
+            new = out[:, batch["input_ids"].shape[1] :]
+            completions += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        lm.train(was_training)
     return completions
 
 

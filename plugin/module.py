@@ -289,15 +289,15 @@ class CausalLMModule(L.LightningModule):
                     "code between the pieces runs eagerly, slower. model.compile=false turns compiling the "
                     "decoder blocks off"
                 )
-            # A block whose recompile limit was reached before this step (by a forward with a KV cache: a
-            # graph per layer and length) runs the training step uncompiled.
+            # A block whose recompile limit was reached before this step (by calls that each compiled anew)
+            # runs the training step uncompiled.
             count, first = uncompiled_calls()
             if count:
                 say(
                     f"warning: torch.compile gave up {count} time(s) in this run and ran the code eagerly "
-                    f"(first: {first}); if a forward with a KV cache ran through the compiled blocks before "
-                    "training (model.generate), run it under torch.compiler.set_stance('force_eager'), as "
-                    "lightning_qlora.generate does; model.compile=false turns compiling the blocks off"
+                    f"(first: {first}); code that compiles anew on each call (TORCH_LOGS=recompiles names it) "
+                    "can run under torch.compiler.set_stance('force_eager'); model.compile=false turns "
+                    "compiling the blocks off"
                 )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
